@@ -1,0 +1,156 @@
+"""The one ``torch.autograd.Function`` every batch norm of this package runs through.
+
+Forward and backward call a backend (``batchnorm.backends``) on the canonical (A, C, B) view;
+the module never knows which kernel ran. Double backward (``create_graph=True``) recomputes
+the forward with differentiable plain torch ops and differentiates that: exact, and it keeps
+the backends free of second-order code.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._conventions import acc_dtype, invstd_from_var
+from ._layout import Layout, canonical, like_canonical
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """``y = act(xhat * w + b [+ residual])`` with xhat from batch statistics (``training``)
+    or from the given ``mean``/``invstd`` (eval: the running buffers).
+
+    Returns ``(y, mean, var)``; mean and var (biased) are the batch statistics used, for the
+    running-statistics update, and carry no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,  # (N, C, *spatial)
+        weight: Tensor | None,  # (C,)
+        bias: Tensor | None,  # (C,)
+        residual: Tensor | None,  # (N, C, *spatial)
+        mean_in: Tensor | None,  # (C,) eval only: running_mean in the accumulation dtype
+        invstd_in: Tensor | None,  # (C,) eval only: 1 / sqrt(running_var + eps)
+        training: bool,
+        eps: float,
+        backend: ModuleType,
+        relu: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x3, layout = canonical(x)  # (A, C, B)
+        res3 = None if residual is None else like_canonical(residual, layout)
+        C = x.shape[1]
+        acc = acc_dtype(x.dtype)
+        if x.numel() == 0:
+            y3 = torch.empty_like(x3)
+            mean = torch.zeros(C, dtype=acc, device=x.device)
+            var = torch.zeros(C, dtype=acc, device=x.device)
+            invstd = mean
+        elif training:
+            y3, mean, var, invstd = backend.forward_train(x3, weight, bias, eps, res3, relu)
+        else:
+            mean, invstd = mean_in, invstd_in
+            var = torch.empty(0, dtype=acc, device=x.device)
+            y3 = backend.normalize(x3, mean, invstd, weight, bias, res3, relu)
+
+        ctx.layout = layout
+        ctx.training = training
+        ctx.eps = eps
+        ctx.backend = backend
+        ctx.relu = relu
+        ctx.has_residual = residual is not None
+        y3_mask = y3 if relu else None
+        ctx.save_for_backward(x, x3, weight, bias, residual, mean, invstd, y3_mask)
+        y = layout.from_canonical(y3)
+        if training:
+            out_mean, out_var = mean, var
+        else:
+            out_mean = torch.empty(0, dtype=acc, device=x.device)
+            out_var = out_mean
+        ctx.mark_non_differentiable(out_mean, out_var)
+        return y, out_mean, out_var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
+        x, x3, weight, bias, residual, mean, invstd, y3_mask = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+        nones = (None,) * 6  # mean_in, invstd_in, training, eps, backend, relu
+        if dy is None:
+            return (None, None, None, None, *nones)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            grads = _double_backward(ctx, dy, x, weight, bias, residual, mean, invstd)
+            return (*grads, *nones)
+
+        layout: Layout = ctx.layout
+        dx = dweight = dbias = dres = None
+        if x.numel() == 0:
+            dx = torch.zeros_like(x) if need_dx else None
+            dweight = torch.zeros_like(weight) if need_dw else None
+            dbias = torch.zeros_like(bias) if need_db else None
+            dres = torch.zeros_like(residual) if need_dres else None
+            return (dx, dweight, dbias, dres, *nones)
+
+        dy3 = like_canonical(dy, layout)  # (A, C, B)
+        if ctx.relu and need_dres:
+            # the residual's gradient is dy through the relu: materialise it once
+            dy3 = torch.where(y3_mask > 0, dy3, torch.zeros_like(dy3))
+            y3_mask = None
+        dx3, sum_dy, sum_dy_xhat = ctx.backend.backward(
+            dy3, x3, mean, invstd, weight, ctx.training, need_dx, y3_mask
+        )
+        if need_dx:
+            dx = layout.from_canonical(dx3)
+        if need_dw:
+            dweight = sum_dy_xhat.to(weight.dtype)
+        if need_db:
+            dbias = sum_dy.to(bias.dtype)
+        if need_dres:
+            dres = layout.from_canonical(dy3).to(residual.dtype)
+        return (dx, dweight, dbias, dres, *nones)
+
+
+def differentiable_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    training: bool,
+    eps: float,
+    mean: Tensor | None,
+    invstd: Tensor | None,
+    relu: bool,
+) -> Tensor:
+    """Batch norm in plain differentiable torch ops, in the accumulation dtype.
+
+    Used for double backward only; the conventions are the same as every backend's.
+    """
+    acc = acc_dtype(x.dtype)
+    dims = (0, *range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xa = x.to(acc)
+    if training:
+        var, mean = torch.var_mean(xa, dim=dims, correction=0)
+        invstd = invstd_from_var(var, eps)
+    y = (xa - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.to(acc).view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def _double_backward(ctx, dy, x, weight, bias, residual, mean, invstd):
+    inputs = [x, weight, bias, residual]
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
+    with torch.enable_grad():
+        y = differentiable_forward(
+            x, weight, bias, residual, ctx.training, ctx.eps, mean, invstd, ctx.relu
+        )
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:4])

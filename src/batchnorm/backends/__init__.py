@@ -1,0 +1,70 @@
+"""Backends: the kernels behind the one autograd.Function.
+
+A backend is a module with these functions, all on the canonical ``(A, C, B)`` contiguous
+view (``batchnorm._layout``), per-channel vectors ``(C,)`` in the accumulation dtype:
+
+* ``supports(x) -> bool``
+* ``batch_stats(x3) -> (mean, var)`` (var biased)
+* ``normalize(x3, mean, invstd, weight, bias, residual3=None, relu=False) -> y3``
+* ``forward_train(x3, weight, bias, eps, residual3=None, relu=False) -> (y3, mean, var, invstd)``
+* ``grad_sums(dy3, x3, mean, invstd, y3_mask=None) -> (sum_dy, sum_dy_xhat)``
+* ``grad_input(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, training,
+  y3_mask=None) -> dx3``
+* ``backward(dy3, x3, mean, invstd, weight, training, need_dx, y3_mask=None)
+  -> (dx3 or None, sum_dy, sum_dy_xhat)``
+
+``y3_mask`` is the forward output when a relu was fused: dy counts only where it is > 0.
+The split functions (``batch_stats``/``normalize``, ``grad_sums``/``grad_input``) are what
+SyncBatchNorm needs to put a collective in between; the fused ones are the fast path.
+
+Names: ``"torch"`` (portable, any device), ``"numba"`` (fused CPU kernels), ``"auto"``
+(numba for CPU tensors it supports, torch otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "numba")
+_MODULES = {"torch": "batchnorm.backends.torch_ops", "numba": "batchnorm.backends.numba_cpu"}
+_loaded: dict[str, ModuleType] = {}
+
+
+def check_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def load(name: str) -> ModuleType:
+    """The backend module called ``name`` ("torch" or "numba")."""
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(_MODULES[name])
+    return _loaded[name]
+
+
+def numba_available() -> bool:
+    try:
+        load("numba")
+    except ImportError:
+        return False
+    return True
+
+
+def select(backend: str, x: Tensor) -> ModuleType:
+    """The backend module to run for input ``x``."""
+    check_name(backend)
+    if backend == "auto":
+        if x.device.type == "cpu" and numba_available() and load("numba").supports(x):
+            return load("numba")
+        return load("torch")
+    module = load(backend)
+    if not module.supports(x):
+        raise ValueError(
+            f"backend={backend!r} does not support {x.dtype} tensors on {x.device}; "
+            "use backend='auto' or backend='torch'"
+        )
+    return module

@@ -1,0 +1,180 @@
+"""Stateless batch norm with torch's signature, computed by this package's own kernels.
+
+Example::
+
+    >>> import torch, batchnorm.functional as BF
+    >>> x = torch.randn(8, 3, 5, 5)
+    >>> rm, rv = torch.zeros(3), torch.ones(3)
+    >>> y = BF.batch_norm(x, rm, rv, training=True, momentum=0.1, eps=1e-5)
+    >>> torch.allclose(rv, 0.9 + 0.1 * x.var(dim=(0, 2, 3)))  # running_var is unbiased
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._conventions import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    acc_dtype,
+    invstd_from_var,
+    momentum_factor,
+    update_running_stats,
+    verify_batch_size,
+)
+from ._function import BatchNormFunction
+
+__all__ = ["batch_norm", "ACTIVATIONS"]
+
+ACTIVATIONS = (None, "relu")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Batch normalization of ``input`` (N, C, *spatial) over every axis but C.
+
+    The same signature and numbers as ``torch.nn.functional.batch_norm``:
+
+    * ``training=True``: normalise with the batch's mean and *biased* variance; when the
+      running buffers are given, update them in place with ``momentum`` and the *unbiased*
+      variance ``var * n / (n - 1)``.
+    * ``training=False``: normalise with ``running_mean`` / ``running_var``.
+
+    Beyond torch (keyword-only):
+
+    * ``num_batches_tracked``: an int64 scalar tensor, incremented in training; needed for
+      ``momentum=None`` (a cumulative average, factor ``1 / num_batches_tracked``).
+    * ``residual``, ``activation="relu"``: ``y = relu(bn(x) + residual)`` in one pass.
+    * ``backend``: "auto" (fused numba kernels on CPU, plain torch ops elsewhere), "torch"
+      or "numba".
+
+    Input is validated before anything moves: a call that raises leaves the buffers and
+    ``num_batches_tracked`` untouched.
+    """
+    _validate(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked, residual, activation,
+    )  # fmt: skip
+    kernel = backends.select(backend, input)
+    use_batch_stats = training
+    update = training and running_mean is not None
+    acc = acc_dtype(input.dtype)
+
+    mean_in = invstd_in = None
+    if not use_batch_stats:
+        mean_in = running_mean.detach().to(acc)
+        invstd_in = invstd_from_var(running_var.detach().to(acc), eps)
+
+    y, mean, var = BatchNormFunction.apply(
+        input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel,
+        activation == "relu",
+    )  # fmt: skip
+
+    if update:
+        if num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        factor = momentum_factor(momentum, num_batches_tracked)
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        update_running_stats(running_mean, running_var, mean, var, count, factor)
+    return y
+
+
+def _validate(
+    x, running_mean, running_var, weight, bias, training, momentum, eps,
+    num_batches_tracked, residual, activation,
+) -> None:  # fmt: skip
+    """Raise TypeError/ValueError naming what was expected; never modifies anything."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}; convert it with input.float()"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"expected input of shape (N, C, *spatial) with at least 2 dims "
+            f"(got {x.dim()}D input)"
+        )
+    C = x.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError(
+            "running_mean and running_var are required when training=False; "
+            "pass the buffers or use training=True (batch statistics)"
+        )
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(
+                f"{name} should have shape ({C},) to match the input's {C} channels, "
+                f"got {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+        if not (t.dtype == x.dtype or (x.dtype in HALF_DTYPES and t.dtype == torch.float32)):
+            allowed = f"{x.dtype} or torch.float32" if x.dtype in HALF_DTYPES else str(x.dtype)
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but the input is {x.dtype}: expected {allowed}; "
+                f"convert the module with .to({x.dtype}) or the input with .to({t.dtype})"
+            )
+    if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1:
+            raise TypeError("num_batches_tracked must be a one-element int64 tensor or None")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError(
+                "momentum=None (a cumulative average) needs num_batches_tracked=; "
+                "pass it or give a float momentum"
+            )
+    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"residual should have the input's shape {tuple(x.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(
+                f"residual should be {x.dtype} on {x.device} like the input, "
+                f"got {residual.dtype} on {residual.device}"
+            )
+    if training:
+        verify_batch_size(x.shape)
