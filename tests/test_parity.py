@@ -1,0 +1,223 @@
+"""Our BatchNorm1d/2d/3d against torch's: outputs, every gradient, buffers, over steps and eval."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import BACKENDS, assert_close, make_input, module_pair, param_dtype
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+SHAPES = [
+    (2, 3),  # BatchNorm1d (N, C)
+    (7, 5),
+    (3, 4, 6),  # BatchNorm1d (N, C, L)
+    (1, 3, 7),  # N = 1, L > 1
+    (4, 3, 5, 5),
+    (1, 2, 3, 3),  # the seed notebook's shape
+    (2, 1, 7, 3),  # C = 1
+    (5, 7, 11, 13),  # primes
+    (2, 3, 2, 3, 4),  # BatchNorm3d
+    (1, 2, 3, 1, 5),
+]
+
+
+def run_and_compare(ref, ours, shape, dtype, channels_last=False, steps=3, seed=0):
+    """Train ``steps`` batches, then one eval pass, comparing everything at each step."""
+    count = math.prod(shape) // shape[1]  # values per channel
+    for step in range(steps):
+        x = make_input(shape, dtype, channels_last, seed=seed + step)
+        xr = x.clone().requires_grad_()
+        xo = x.clone().requires_grad_()
+        yr, yo = ref(xr), ours(xo)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        if channels_last and x.dim() in (4, 5):
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            assert yo.is_contiguous(memory_format=fmt), "output lost channels_last"
+        assert_close(yo, yr, dtype, f"output step {step}")
+        g = make_input(shape, dtype, seed=100 + step, offset=0.0, scale=1.0)
+        yr.backward(g)
+        yo.backward(g)
+        assert_close(xo.grad, xr.grad, dtype, f"grad_input step {step}")
+        for name in ("weight", "bias"):
+            pr, po = getattr(ref, name), getattr(ours, name)
+            assert (pr is None) == (po is None)
+            if pr is not None:
+                # torch rounds half-input weight/bias gradients through the input dtype on
+                # some paths (channels_last); ours stay float32 (test_half_against_reference)
+                assert_close(po.grad, pr.grad, dtype, f"grad_{name} step {step}", count)
+                pr.grad = po.grad = None
+        for name in ("running_mean", "running_var"):
+            br, bo = getattr(ref, name), getattr(ours, name)
+            assert (br is None) == (bo is None)
+            if br is not None:
+                assert_close(bo, br, param_dtype(dtype), f"{name} step {step}")
+        if ref.num_batches_tracked is not None:
+            assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+            assert ours.num_batches_tracked.dtype == torch.int64
+    ref.eval()
+    ours.eval()
+    x = make_input(shape, dtype, channels_last, seed=seed + 50)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    assert_close(yo, yr, dtype, "eval output")
+    g = make_input(shape, dtype, seed=200, offset=0.0, scale=1.0)
+    yr.backward(g)
+    yo.backward(g)
+    assert_close(xo.grad, xr.grad, dtype, "eval grad_input")
+    if ref.weight is not None:
+        assert_close(ours.weight.grad, ref.weight.grad, dtype, "eval grad_weight", count)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_contiguous(shape, dtype, backend):
+    ref, ours = module_pair(shape[1], len(shape), dtype, backend)
+    run_and_compare(ref, ours, shape, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if len(s) >= 4], ids=str)
+def test_parity_channels_last(shape, dtype, backend):
+    ref, ours = module_pair(shape[1], len(shape), dtype, backend)
+    run_and_compare(ref, ours, shape, dtype, channels_last=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("momentum", (0.1, 1.0, None, 0.37))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"affine": False},
+        {"bias": False},
+        {"track_running_stats": False},
+        {"affine": False, "track_running_stats": False},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+@pytest.mark.parametrize("shape", [(6, 4), (3, 5, 4, 4)], ids=str)
+def test_parity_options(shape, options, momentum, dtype, backend):
+    ref, ours = module_pair(shape[1], len(shape), dtype, backend, momentum=momentum, **options)
+    run_and_compare(ref, ours, shape, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (0, 2, 2, 2, 2)], ids=str)
+def test_empty_batch(shape, dtype, backend):
+    """N == 0: an empty output, statistics untouched, num_batches_tracked bumped as torch."""
+    ref, ours = module_pair(shape[1], len(shape), dtype, backend)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.running_mean.fill_(0.25)
+            m.running_var.fill_(2.0)
+    x = make_input(shape, dtype).requires_grad_()
+    yr, yo = ref(x), ours(x)
+    assert yo.shape == yr.shape == x.shape
+    assert torch.equal(ours.running_mean, ref.running_mean)
+    assert torch.equal(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    yo.sum().backward()
+    assert torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
+    assert torch.equal(ours.bias.grad, torch.zeros_like(ours.bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    """A transposed view (neither contiguous nor channels_last) gives torch's numbers."""
+    base = make_input((4, 6, 5, 3))
+    x = base.transpose(2, 3)  # (4, 6, 3, 5), odd strides
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    ref, ours = module_pair(6, 4, backend=backend)
+    assert_close(ours(x), ref(x), torch.float32, "output")
+    assert_close(ours.running_var, ref.running_var, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_layout_gradient(backend):
+    """dy in another memory format than x (contiguous dy for a channels_last x)."""
+    x = make_input((3, 4, 5, 6), channels_last=True)
+    ref, ours = module_pair(4, 4, backend=backend)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = make_input((3, 4, 5, 6), seed=9).contiguous()
+    ref(xr).backward(g)
+    ours(xo).backward(g)
+    assert_close(xo.grad, xr.grad, torch.float32, "grad_input")
+
+
+def test_seed_notebook_puzzle():
+    """The seed: 9 values per channel, momentum=1. Normalising by hand with running_var gives
+    outputs 1/sqrt(9/8) of ours: training uses the biased variance, running_var the unbiased."""
+    import batchnorm
+
+    x = make_input((1, 2, 3, 3), seed=3)
+    bn = batchnorm.BatchNorm2d(2, momentum=1)
+    y = bn(x)
+    biased = x.var(dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(bn.running_var, biased * 9 / 8)
+    torch.testing.assert_close(y.var(dim=(0, 2, 3)), torch.full((2,), 9 / 8), rtol=1e-4, atol=0)
+    by_hand = (x - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        bn.running_var.view(1, -1, 1, 1) + bn.eps
+    )
+    torch.testing.assert_close(y / by_hand, torch.full_like(y, (9 / 8) ** 0.5), rtol=1e-4, atol=0)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    dims=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+    n=st.integers(1, 5),
+    c=st.integers(1, 6),
+    momentum=st.one_of(st.none(), st.floats(0.01, 1.0)),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    backend=st.sampled_from(BACKENDS),
+)
+def test_parity_hypothesis(dims, n, c, momentum, channels_last, dtype, backend):
+    shape = (n, c, *dims)
+    assume(math.prod(shape) // c >= 2)  # one value per channel cannot train (validation tests)
+    ref, ours = module_pair(c, len(shape), dtype, backend, momentum=momentum)
+    run_and_compare(ref, ours, shape, dtype, channels_last=channels_last, steps=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", (False, True))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_half_against_reference(dtype, channels_last, backend):
+    """Half inputs: statistics, buffers and weight/bias gradients at float32 accuracy, against
+    the float64 reference run on the same (rounded) values."""
+    import batchnorm
+    from batchnorm import reference
+
+    x = make_input((4, 3, 5, 7), dtype, channels_last)
+    dy = make_input((4, 3, 5, 7), dtype, seed=5, offset=0.0, scale=1.0)
+    bn = batchnorm.BatchNorm2d(3, backend=backend)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    xo = x.clone().requires_grad_()
+    y = bn(xo)
+    y.backward(dy)
+    xd, dyd = x.double().numpy(), dy.double().numpy()
+    w, b = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
+    y_ref, cache = reference.forward(xd, w, b, eps=bn.eps)
+    dx_ref, dw_ref, db_ref = reference.backward(dyd, cache)
+    rm, rv, _ = reference.update_running_stats(np.zeros(3), np.ones(3), 0, xd, momentum=0.1)
+    f32 = torch.float32
+    n = 4 * 5 * 7
+    assert_close(bn.weight.grad, torch.from_numpy(dw_ref), f32, "grad_weight", n)
+    assert_close(bn.bias.grad, torch.from_numpy(db_ref), f32, "grad_bias", n)
+    assert_close(bn.running_mean, torch.from_numpy(rm), f32, "running_mean", n)
+    assert_close(bn.running_var, torch.from_numpy(rv), f32, "running_var", n)
+    assert_close(y, torch.from_numpy(y_ref), dtype, "output")
+    assert_close(xo.grad, torch.from_numpy(dx_ref), dtype, "grad_input")
