@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, make_input
 
 import batchnorm
 import batchnorm.functional as BF
+from conftest import BACKENDS, make_input
 
 
 def _params(C, affine=True, seed=0):

@@ -8,13 +8,17 @@ import pickle
 
 import pytest
 import torch
-from conftest import assert_close, make_input, module_pair
 from torch import nn
 
 import batchnorm
 from batchnorm.modules import _OurBatchNorm
+from conftest import assert_close, make_input, module_pair
 
-CLASSES = [("BatchNorm1d", (6, 4, 5)), ("BatchNorm2d", (3, 4, 5, 5)), ("BatchNorm3d", (2, 4, 3, 3, 3))]
+CLASSES = [
+    ("BatchNorm1d", (6, 4, 5)),
+    ("BatchNorm2d", (3, 4, 5, 5)),
+    ("BatchNorm3d", (2, 4, 3, 3, 3)),
+]
 OPTIONS = [
     {},
     {"affine": False},

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, assert_close
 from torch.testing._internal.common_modules import module_db
 
 import batchnorm
+from conftest import BACKENDS, assert_close
 
 INFOS = [
     info
@@ -27,7 +27,9 @@ def test_samples_found():
 @pytest.mark.parametrize("info", INFOS, ids=lambda i: i.name)
 def test_module_db_samples(info, training, dtype, backend):
     samples = list(
-        info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)
+        info.module_inputs_func(
+            info, device="cpu", dtype=dtype, requires_grad=True, training=training
+        )
     )
     assert samples
     ours_cls = getattr(batchnorm, info.name.split(".")[-1])

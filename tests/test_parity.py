@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, assert_close, make_input, module_pair, param_dtype
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+from conftest import BACKENDS, assert_close, make_input, module_pair, param_dtype
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

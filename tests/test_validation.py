@@ -40,7 +40,8 @@ def assert_unchanged(m, before):
         (
             batchnorm.BatchNorm1d,
             torch.randn(1, 3),
-            "Expected more than 1 value per channel when training, got input size torch.Size([1, 3])",
+            "Expected more than 1 value per channel when training, "
+            "got input size torch.Size([1, 3])",
         ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -86,7 +87,9 @@ def test_one_value_per_channel_is_fine_in_eval():
 def test_dtype_mismatch_module():
     m = batchnorm.BatchNorm2d(3)  # float32 parameters
     before = snapshot(m)
-    with pytest.raises(TypeError, match=r"weight has dtype torch.float32 but the input is torch.float64"):
+    with pytest.raises(
+        TypeError, match=r"weight has dtype torch.float32 but the input is torch.float64"
+    ):
         m(torch.randn(2, 3, 2, 2, dtype=torch.float64))
     assert_unchanged(m, before)
 
@@ -147,7 +150,11 @@ def test_functional_half_input_accepts_float32_buffers_only():
         ({"momentum": None}, ValueError, "num_batches_tracked"),
         ({"momentum": "0.1"}, TypeError, "momentum must be a float or None"),
         ({"activation": "gelu"}, ValueError, "activation must be one of"),
-        ({"residual": torch.randn(4, C, 2, 3)}, ValueError, "residual should have the input's shape"),
+        (
+            {"residual": torch.randn(4, C, 2, 3)},
+            ValueError,
+            "residual should have the input's shape",
+        ),
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
     ],
 )

@@ -110,8 +110,7 @@ def _validate(
         )
     if x.dim() < 2:
         raise ValueError(
-            f"expected input of shape (N, C, *spatial) with at least 2 dims "
-            f"(got {x.dim()}D input)"
+            f"expected input of shape (N, C, *spatial) with at least 2 dims (got {x.dim()}D input)"
         )
     C = x.shape[1]
     if (running_mean is None) != (running_var is None):

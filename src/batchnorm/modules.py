@@ -184,4 +184,3 @@ def _convert_one(bn: _BatchNorm, cls: type[_OurBatchNorm], backend: str) -> _Our
     new.backend = backend
     new.activation = None
     return new
-

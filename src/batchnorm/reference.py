@@ -103,9 +103,8 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
     # training: mean and var depend on x. Step by step, in reverse of forward:
     #   xhat = xmu * invstd, invstd = (var + eps)^-1/2, var = sum(xmu^2)/n, xmu = x - mean
     # collapses to dx = w * invstd / n * (n * dy - sum_dy - xhat * sum_dy_xhat).
-    dx = (
-        _per_channel(w * invstd / n, ndim)
-        * (n * dy - _per_channel(dbias, ndim) - xhat * _per_channel(dweight, ndim))
+    dx = _per_channel(w * invstd / n, ndim) * (
+        n * dy - _per_channel(dbias, ndim) - xhat * _per_channel(dweight, ndim)
     )  # (N, C, *spatial)
     return dx, dweight, dbias
 
@@ -166,8 +165,10 @@ def update_running_stats(
     """
     num_batches_tracked = num_batches_tracked + 1
     if x.size == 0:  # an empty batch counts, but carries no statistics
-        return np.array(running_mean, np.float64), np.array(running_var, np.float64), (
-            num_batches_tracked
+        return (
+            np.array(running_mean, np.float64),
+            np.array(running_var, np.float64),
+            (num_batches_tracked),
         )
     mean, var, n = batch_statistics(x)
     f = momentum_factor(momentum, num_batches_tracked)
