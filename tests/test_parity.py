@@ -222,3 +222,23 @@ def test_half_against_reference(dtype, channels_last, backend):
     assert_close(bn.running_var, torch.from_numpy(rv), f32, "running_var", n)
     assert_close(y, torch.from_numpy(y_ref), dtype, "output")
     assert_close(xo.grad, torch.from_numpy(dx_ref), dtype, "grad_input")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", (False, True))
+@pytest.mark.parametrize("momentum", (0.1, None))
+def test_parity_under_no_grad(momentum, channels_last, backend):
+    """Inference skips the autograd.Function; same numbers and buffers."""
+    ref, ours = module_pair(5, 4, backend=backend, momentum=momentum)
+    with torch.no_grad():
+        for step in range(3):
+            x = make_input((3, 5, 4, 6), channels_last=channels_last, seed=step)
+            assert_close(ours(x), ref(x), torch.float32, f"train output {step}")
+            assert_close(ours.running_var, ref.running_var, torch.float32, "running_var")
+            assert_close(ours.running_mean, ref.running_mean, torch.float32, "running_mean")
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
+        ref.eval()
+        ours.eval()
+        y = ours(x)
+        assert_close(y, ref(x), torch.float32, "eval output")
+        assert not y.requires_grad

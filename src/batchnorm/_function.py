@@ -17,6 +17,42 @@ from ._conventions import acc_dtype, invstd_from_var
 from ._layout import Layout, canonical, like_canonical
 
 
+def run_forward(
+    x: Tensor,  # (N, C, *spatial)
+    weight: Tensor | None,  # (C,)
+    bias: Tensor | None,  # (C,)
+    residual: Tensor | None,  # (N, C, *spatial)
+    mean_in: Tensor | None,  # (C,) eval only
+    invstd_in: Tensor | None,  # (C,) eval only
+    training: bool,
+    eps: float,
+    backend: ModuleType,
+    relu: bool,
+):
+    """The forward computation, without autograd: ``(y, mean, invstd, var, x3, y3, layout)``.
+
+    ``mean``/``invstd`` are what normalised x (the batch's, or ``mean_in``/``invstd_in`` in
+    eval); ``var`` is the batch's biased variance, None in eval. Inference under
+    ``torch.no_grad`` calls this directly and skips the Function's overhead.
+    """
+    x3, layout = canonical(x)  # (A, C, B)
+    res3 = None if residual is None else like_canonical(residual, layout)
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        C = x.shape[1]
+        y3 = torch.empty_like(x3)
+        mean = torch.zeros(C, dtype=acc, device=x.device)
+        var = torch.zeros(C, dtype=acc, device=x.device)
+        invstd = mean
+    elif training:
+        y3, mean, var, invstd = backend.forward_train(x3, weight, bias, eps, res3, relu)
+    else:
+        y3 = backend.normalize(x3, mean_in, invstd_in, weight, bias, res3, relu)
+        mean, invstd = mean_in, invstd_in
+        var = None
+    return layout.from_canonical(y3), mean, invstd, var, x3, y3, layout
+
+
 class BatchNormFunction(torch.autograd.Function):
     """``y = act(xhat * w + b [+ residual])`` with xhat from batch statistics (``training``)
     or from the given ``mean``/``invstd`` (eval: the running buffers).
@@ -39,22 +75,9 @@ class BatchNormFunction(torch.autograd.Function):
         backend: ModuleType,
         relu: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        x3, layout = canonical(x)  # (A, C, B)
-        res3 = None if residual is None else like_canonical(residual, layout)
-        C = x.shape[1]
-        acc = acc_dtype(x.dtype)
-        if x.numel() == 0:
-            y3 = torch.empty_like(x3)
-            mean = torch.zeros(C, dtype=acc, device=x.device)
-            var = torch.zeros(C, dtype=acc, device=x.device)
-            invstd = mean
-        elif training:
-            y3, mean, var, invstd = backend.forward_train(x3, weight, bias, eps, res3, relu)
-        else:
-            mean, invstd = mean_in, invstd_in
-            var = torch.empty(0, dtype=acc, device=x.device)
-            y3 = backend.normalize(x3, mean, invstd, weight, bias, res3, relu)
-
+        y, mean, invstd, var, x3, y3, layout = run_forward(
+            x, weight, bias, residual, mean_in, invstd_in, training, eps, backend, relu
+        )
         ctx.layout = layout
         ctx.training = training
         ctx.eps = eps
@@ -63,12 +86,10 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.has_residual = residual is not None
         y3_mask = y3 if relu else None
         ctx.save_for_backward(x, x3, weight, bias, residual, mean, invstd, y3_mask)
-        y = layout.from_canonical(y3)
         if training:
             out_mean, out_var = mean, var
-        else:
-            out_mean = torch.empty(0, dtype=acc, device=x.device)
-            out_var = out_mean
+        else:  # nothing for the running-statistics update
+            out_mean = out_var = torch.empty(0, dtype=mean.dtype, device=x.device)
         ctx.mark_non_differentiable(out_mean, out_var)
         return y, out_mean, out_var
 

@@ -25,7 +25,7 @@ from ._conventions import (
     update_running_stats,
     verify_batch_size,
 )
-from ._function import BatchNormFunction
+from ._function import BatchNormFunction, run_forward
 
 __all__ = ["batch_norm", "ACTIVATIONS"]
 
@@ -81,10 +81,18 @@ def batch_norm(
         mean_in = running_mean.detach().to(acc)
         invstd_in = invstd_from_var(running_var.detach().to(acc), eps)
 
-    y, mean, var = BatchNormFunction.apply(
-        input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel,
-        activation == "relu",
-    )  # fmt: skip
+    relu = activation == "relu"
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, residual)
+    )
+    if needs_grad:
+        y, mean, var = BatchNormFunction.apply(
+            input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel, relu
+        )
+    else:  # inference: the same computation without the autograd.Function's bookkeeping
+        y, mean, _, var = run_forward(
+            input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel, relu
+        )[:4]
 
     if update:
         if num_batches_tracked is not None:
