@@ -1,0 +1,529 @@
+"""The numba kernels behind ``batchnorm.backends.numba_cpu`` (private).
+
+Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
+
+* ``B > 1`` (NCHW): channel ``c`` is ``A`` runs of ``B`` contiguous values. One work item is
+  one channel; a thread computes its statistics and normalises it while the channel is still
+  in its cache: one read from memory and one write per element.
+* ``B == 1`` (channels-last, ``(N, C)``): rows of ``C`` interleaved channels. One work item is
+  a block of ``CL_BLOCK`` channels across all rows (one 64-byte line of float32 per row);
+  statistics and normalisation of the block run back to back on one thread.
+
+Statistics: each chunk of at most ``CHUNK`` values (L1-resident) is summed once to get a
+shift ``m``, then ``sum(x - m)`` and ``sum((x - m)^2)`` are taken on the same chunk; the chunk's
+exact mean and centred sum of squares follow, and chunks are merged in float64 with Chan's
+pairwise update. So data far from zero (``1e4 + 0.1 * randn``) keeps its variance, while only
+the first touch of a chunk goes to memory.
+
+Determinism: a work item is a fixed piece of the tensor (a channel, or a block of channels)
+whose values are produced by one thread in a fixed order. Threads only decide *which* items
+they run, so the bytes do not depend on the thread count. The serial (``_ser``) and parallel
+(``_par``) drivers call the same item functions; which one runs depends on the size only.
+
+Every accumulator inside a chunk has the input's dtype (float32 or float64); merges across
+chunks are float64. ``fastmath`` allows reassociation and FMA (vectorised sums) but not
+``nnan``/``ninf``: NaN and inf in the input must reach the output as they do in torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for the 2nd look
+CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _merge(n, mean, m2, cnt, mean_k, m2_k):
+    """Chan's update of (n, mean, m2) with a chunk of cnt values; all float64."""
+    n_new = n + cnt
+    delta = mean_k - mean
+    mean = mean + delta * (cnt / n_new)
+    m2 = m2 + m2_k + delta * delta * (n * cnt / n_new)
+    return n_new, mean, m2
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _run_moments(x, lo, hi, shift, zero):
+    """(mean, m2) in float64 of x[lo:hi], a contiguous run of at most CHUNK values.
+
+    ``shift`` is a length-1 scratch array of x's dtype (it keeps the shift in that dtype)."""
+    cnt = hi - lo
+    xs = x[lo:hi]  # loops over views from 0: numba then proves i >= 0 and vectorises
+    s = zero
+    for i in range(cnt):
+        s += xs[i]
+    shift[0] = s / cnt
+    m = shift[0]
+    s1 = zero
+    s2 = zero
+    for i in range(cnt):
+        d = xs[i] - m
+        s1 += d
+        s2 += d * d
+    s1d = np.float64(s1)
+    return np.float64(m) + s1d / cnt, np.float64(s2) - s1d * s1d / cnt
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t):
+    """Store mean, biased var and invstd (as ``_conventions.invstd_from_var``) of channel c."""
+    mean[c] = mean64
+    v = m2 / n if n > 0 else 0.0
+    var[c] = v if v > 0 else 0.0  # m2 = s2 - s1^2 / cnt may round below zero
+    den = np.sqrt(var[c] + eps_t)  # in the accumulation dtype, as the torch backend
+    invstd[c] = 1.0 / den if den != 0 else 0.0
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _scale_shift(c, mean, invstd, w, b):
+    """(scale, shift) in float64 with y = x * scale + shift; w, b empty when absent."""
+    scale = np.float64(invstd[c])
+    if w.size > 0:
+        scale *= np.float64(w[c])
+    shift = -np.float64(mean[c]) * scale
+    if b.size > 0:
+        shift += np.float64(b[c])
+    return scale, shift
+
+
+# ---------------------------------------------------------------- NCHW (B > 1): one channel
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_fwd_channel(
+    c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
+):
+    """Statistics and/or normalisation of channel c; x, y, res flat (A * C * B,)."""
+    if stats:
+        shift = np.empty(1, x.dtype)
+        n = 0.0
+        mean64 = 0.0
+        m2 = 0.0
+        for a in range(A):
+            base = (a * C + c) * B
+            for lo in range(base, base + B, CHUNK):
+                hi = min(lo + CHUNK, base + B)
+                mk, m2k = _run_moments(x, lo, hi, shift, zero)
+                n, mean64, m2 = _merge(n, mean64, m2, hi - lo, mk, m2k)
+        _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t)
+    if apply:
+        scale64, shift64 = _scale_shift(c, mean, invstd, w, b)
+        acc[0] = scale64  # in x's compute dtype, so the loop below stays in it
+        acc[1] = shift64
+        scale = acc[0]
+        sh = acc[1]
+        has_res = res.size > 0
+        for a in range(A):
+            base = (a * C + c) * B
+            xs = x[base : base + B]
+            ys = y[base : base + B]
+            if has_res:
+                rs = res[base : base + B]
+                for i in range(B):
+                    v = xs[i] * scale + sh + rs[i]
+                    if relu and v < 0:
+                        v = 0
+                    ys[i] = v
+            elif relu:
+                for i in range(B):
+                    v = xs[i] * scale + sh
+                    if v < 0:
+                        v = 0
+                    ys[i] = v
+            else:
+                for i in range(B):
+                    ys[i] = xs[i] * scale + sh
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
+    zero = np.zeros(1, x.dtype)[0]
+    for c in prange(C):
+        acc = np.empty(2, x.dtype)
+        _nchw_fwd_channel(
+            c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
+        )
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
+    zero = np.zeros(1, x.dtype)[0]
+    acc = np.empty(2, x.dtype)
+    for c in range(C):
+        _nchw_fwd_channel(
+            c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
+        )
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_bwd_channel(
+    c, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+    sums, do_dx, training, zero, acc,
+):  # fmt: skip
+    """sum_dy, sum_dy_xhat and/or dx of channel c; dy, x, mask, dx flat (A * C * B,)."""
+    has_mask = mask.size > 0
+    acc[0] = mean[c]
+    m = acc[0]
+    if sums:
+        t_dy = 0.0
+        t_dyxmu = 0.0
+        for a in range(A):
+            base = (a * C + c) * B
+            for lo in range(base, base + B, CHUNK):
+                hi = min(lo + CHUNK, base + B)
+                s_dy = zero
+                s_dyxmu = zero
+                xs = x[lo:hi]
+                dys = dy[lo:hi]
+                if has_mask:
+                    ms = mask[lo:hi]
+                    for i in range(hi - lo):
+                        g = dys[i] if ms[i] > 0 else zero
+                        s_dy += g
+                        s_dyxmu += g * (xs[i] - m)
+                else:
+                    for i in range(hi - lo):
+                        s_dy += dys[i]
+                        s_dyxmu += dys[i] * (xs[i] - m)
+                t_dy += s_dy
+                t_dyxmu += s_dyxmu
+        sum_dy[c] = t_dy
+        sum_dy_xhat[c] = t_dyxmu * np.float64(invstd[c])
+    if do_dx:
+        k_dy = np.float64(invstd[c])
+        if w.size > 0:
+            k_dy *= np.float64(w[c])
+        # dx = k_dy * (dy - sum_dy / n - xhat * sum_dy_xhat / n) = k_dy * dy + k_x * x + k_0
+        k_x = 0.0
+        k_0 = 0.0
+        if training:
+            k_x = -k_dy * np.float64(invstd[c]) * np.float64(sum_dy_xhat[c]) / count
+            k_0 = -k_dy * np.float64(sum_dy[c]) / count - np.float64(mean[c]) * k_x
+        acc[0] = k_dy
+        acc[1] = k_x
+        acc[2] = k_0
+        kdy = acc[0]
+        kx = acc[1]
+        k0 = acc[2]
+        for a in range(A):
+            base = (a * C + c) * B
+            xs = x[base : base + B]
+            dys = dy[base : base + B]
+            dxs = dx[base : base + B]
+            if has_mask:
+                ms = mask[base : base + B]
+                for i in range(B):
+                    g = dys[i] if ms[i] > 0 else zero
+                    dxs[i] = g * kdy + xs[i] * kx + k0
+            elif training:
+                for i in range(B):
+                    dxs[i] = dys[i] * kdy + xs[i] * kx + k0
+            else:
+                for i in range(B):
+                    dxs[i] = dys[i] * kdy
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def nchw_bwd_par(
+    dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
+):
+    zero = np.zeros(1, x.dtype)[0]
+    for c in prange(C):
+        acc = np.empty(3, x.dtype)
+        _nchw_bwd_channel(
+            c, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+            sums, do_dx, training, zero, acc,
+        )  # fmt: skip
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def nchw_bwd_ser(
+    dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
+):
+    zero = np.zeros(1, x.dtype)[0]
+    acc = np.empty(3, x.dtype)
+    for c in range(C):
+        _nchw_bwd_channel(
+            c, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+            sums, do_dx, training, zero, acc,
+        )  # fmt: skip
+
+
+# -------------------------------------------- channels-last (B == 1): blocks of rows
+#
+# Rows of C interleaved channels. A channel-wise fusion would need A * 64 bytes (one line of
+# 16 channels for every row) in cache, which ResNet-shaped NHWC tensors (A = N*H*W ~ 1e5)
+# overflow in L2; so rows are split into fixed blocks of ``rows_per_block(C)`` rows, each
+# block computes per-channel partial moments with long vectorised loops over C, the partials
+# merge in block order (fixed, so deterministic), then a second pass normalises. x is read
+# twice; tensors that fit L3 get the second read from there.
+
+
+@njit(cache=True)
+def rows_per_block(C):
+    """Rows of a channels-last work item: about CL_BLOCK_VALUES values, at least one row."""
+    return max(1, CL_BLOCK_VALUES // C)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
+    """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64; s..s2: (C,) scratch."""
+    R = max(1, CHUNK // C)  # rows per L1-resident chunk
+    n = 0.0
+    pmean[:] = 0.0
+    pm2[:] = 0.0
+    for r0 in range(rlo, rhi, R):
+        r1 = min(r0 + R, rhi)
+        cnt = r1 - r0
+        s[:] = zero
+        s1[:] = zero
+        s2[:] = zero
+        for r in range(r0, r1):
+            xr = x[r * C : (r + 1) * C]
+            for k in range(C):
+                s[k] += xr[k]
+        for k in range(C):
+            sh[k] = s[k] / cnt
+        for r in range(r0, r1):
+            xr = x[r * C : (r + 1) * C]
+            for k in range(C):
+                d = xr[k] - sh[k]
+                s1[k] += d
+                s2[k] += d * d
+        n_new = n + cnt
+        f_mean = cnt / n_new
+        f_m2 = n * cnt / n_new
+        for k in range(C):
+            s1d = np.float64(s1[k])
+            delta = np.float64(sh[k]) + s1d / cnt - pmean[k]
+            pmean[k] += delta * f_mean
+            pm2[k] += np.float64(s2[k]) - s1d * s1d / cnt + delta * delta * f_m2
+        n = n_new
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
+    """Merge the blocks' partial moments in block order; store mean, var, invstd."""
+    nblocks = pmean.shape[0]
+    for c in range(C):
+        n = 0.0
+        m = 0.0
+        m2 = 0.0
+        for j in range(nblocks):
+            cnt = min(A, (j + 1) * RB) - j * RB
+            n, m, m2 = _merge(n, m, m2, cnt, pmean[j, c], pm2[j, c])
+        _finish_stats(c, n, m, m2, mean, var, invstd, eps_t)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_apply_block(x, y, res, C, rlo, rhi, scale, shift, relu):
+    has_res = res.size > 0
+    for r in range(rlo, rhi):
+        xr = x[r * C : (r + 1) * C]
+        yr = y[r * C : (r + 1) * C]
+        if has_res:
+            rr = res[r * C : (r + 1) * C]
+            for k in range(C):
+                v = xr[k] * scale[k] + shift[k] + rr[k]
+                if relu and v < 0:
+                    v = 0
+                yr[k] = v
+        elif relu:
+            for k in range(C):
+                v = xr[k] * scale[k] + shift[k]
+                if v < 0:
+                    v = 0
+                yr[k] = v
+        else:
+            for k in range(C):
+                yr[k] = xr[k] * scale[k] + shift[k]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_scale_shift(C, mean, invstd, w, b, scale, shift):
+    for c in range(C):
+        sc, sf = _scale_shift(c, mean, invstd, w, b)
+        scale[c] = sc
+        shift[c] = sf
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, relu):
+    zero = np.zeros(1, x.dtype)[0]
+    RB = rows_per_block(C)
+    nblocks = (A + RB - 1) // RB
+    if stats:
+        pmean = np.empty((nblocks, C))
+        pm2 = np.empty((nblocks, C))
+        for j in prange(nblocks):
+            sc = np.empty((4, C), x.dtype)
+            _cl_block_moments(
+                x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero,
+                sc[0], sc[1], sc[2], sc[3],
+            )  # fmt: skip
+        _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
+    if apply:
+        ss = np.empty((2, C), x.dtype)
+        _cl_scale_shift(C, mean, invstd, w, b, ss[0], ss[1])
+        for j in prange(nblocks):
+            _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, relu):
+    zero = np.zeros(1, x.dtype)[0]
+    RB = rows_per_block(C)
+    nblocks = (A + RB - 1) // RB
+    if stats:
+        pmean = np.empty((nblocks, C))
+        pm2 = np.empty((nblocks, C))
+        sc = np.empty((4, C), x.dtype)
+        for j in range(nblocks):
+            _cl_block_moments(
+                x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero,
+                sc[0], sc[1], sc[2], sc[3],
+            )  # fmt: skip
+        _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
+    if apply:
+        ss = np.empty((2, C), x.dtype)
+        _cl_scale_shift(C, mean, invstd, w, b, ss[0], ss[1])
+        for j in range(nblocks):
+            _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy, s_dyxmu):
+    """Partial sum_dy and sum(dy * (x - mean)) of rows [rlo, rhi), float64 (C,)."""
+    R = max(1, CHUNK // C)
+    has_mask = mask.size > 0
+    psum_dy[:] = 0.0
+    psum_dyxmu[:] = 0.0
+    for r0 in range(rlo, rhi, R):
+        r1 = min(r0 + R, rhi)
+        s_dy[:] = zero
+        s_dyxmu[:] = zero
+        for r in range(r0, r1):
+            xr = x[r * C : (r + 1) * C]
+            dyr = dy[r * C : (r + 1) * C]
+            if has_mask:
+                mr = mask[r * C : (r + 1) * C]
+                for k in range(C):
+                    g = dyr[k] if mr[k] > 0 else zero
+                    s_dy[k] += g
+                    s_dyxmu[k] += g * (xr[k] - m[k])
+            else:
+                for k in range(C):
+                    s_dy[k] += dyr[k]
+                    s_dyxmu[k] += dyr[k] * (xr[k] - m[k])
+        for k in range(C):
+            psum_dy[k] += s_dy[k]
+            psum_dyxmu[k] += s_dyxmu[k]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kdy, kx, k0, training, zero):
+    has_mask = mask.size > 0
+    for r in range(rlo, rhi):
+        xr = x[r * C : (r + 1) * C]
+        dyr = dy[r * C : (r + 1) * C]
+        dxr = dx[r * C : (r + 1) * C]
+        if has_mask:
+            mr = mask[r * C : (r + 1) * C]
+            for k in range(C):
+                g = dyr[k] if mr[k] > 0 else zero
+                dxr[k] = g * kdy[k] + xr[k] * kx[k] + k0[k]
+        elif training:
+            for k in range(C):
+                dxr[k] = dyr[k] * kdy[k] + xr[k] * kx[k] + k0[k]
+        else:
+            for k in range(C):
+                dxr[k] = dyr[k] * kdy[k]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat):
+    for c in range(C):
+        t_dy = 0.0
+        t_dyxmu = 0.0
+        for j in range(psum_dy.shape[0]):
+            t_dy += psum_dy[j, c]
+            t_dyxmu += psum_dyxmu[j, c]
+        sum_dy[c] = t_dy
+        sum_dy_xhat[c] = t_dyxmu * np.float64(invstd[c])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, kdy, kx, k0):
+    """dx = kdy * dy + kx * x + k0, per channel; from
+    dx = w * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n) (eval: w * invstd * dy)."""
+    for c in range(C):
+        a_dy = np.float64(invstd[c])
+        if w.size > 0:
+            a_dy *= np.float64(w[c])
+        a_x = 0.0
+        a_0 = 0.0
+        if training:
+            a_x = -a_dy * np.float64(invstd[c]) * np.float64(sum_dy_xhat[c]) / count
+            a_0 = -a_dy * np.float64(sum_dy[c]) / count - np.float64(mean[c]) * a_x
+        kdy[c] = a_dy
+        kx[c] = a_x
+        k0[c] = a_0
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def cl_bwd_par(
+    dy, x, mask, dx, A, C, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
+):
+    zero = np.zeros(1, x.dtype)[0]
+    RB = rows_per_block(C)
+    nblocks = (A + RB - 1) // RB
+    m = np.empty(C, x.dtype)
+    m[:] = mean
+    if sums:
+        psum_dy = np.empty((nblocks, C))
+        psum_dyxmu = np.empty((nblocks, C))
+        for j in prange(nblocks):
+            sc = np.empty((2, C), x.dtype)
+            _cl_block_sums(
+                dy, x, mask, C, j * RB, min(A, (j + 1) * RB), m, psum_dy[j], psum_dyxmu[j],
+                zero, sc[0], sc[1],
+            )  # fmt: skip
+        _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat)
+    if do_dx:
+        k = np.empty((3, C), x.dtype)
+        _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, k[0], k[1], k[2])
+        for j in prange(nblocks):
+            _cl_dx_block(
+                dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), k[0], k[1], k[2], training, zero
+            )
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def cl_bwd_ser(
+    dy, x, mask, dx, A, C, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
+):
+    zero = np.zeros(1, x.dtype)[0]
+    RB = rows_per_block(C)
+    nblocks = (A + RB - 1) // RB
+    m = np.empty(C, x.dtype)
+    m[:] = mean
+    if sums:
+        psum_dy = np.empty((nblocks, C))
+        psum_dyxmu = np.empty((nblocks, C))
+        sc = np.empty((2, C), x.dtype)
+        for j in range(nblocks):
+            _cl_block_sums(
+                dy, x, mask, C, j * RB, min(A, (j + 1) * RB), m, psum_dy[j], psum_dyxmu[j],
+                zero, sc[0], sc[1],
+            )  # fmt: skip
+        _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat)
+    if do_dx:
+        k = np.empty((3, C), x.dtype)
+        _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, k[0], k[1], k[2])
+        for j in range(nblocks):
+            _cl_dx_block(
+                dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), k[0], k[1], k[2], training, zero
+            )

@@ -1,0 +1,284 @@
+"""The fused CPU backend: numba kernels, one pass over memory where the math allows.
+
+Example::
+
+    >>> import torch
+    >>> from batchnorm.backends import numba_cpu
+    >>> x3 = torch.randn(4, 3, 10)  # canonical (A, C, B) view of a (4, 3, 10) input
+    >>> y3, mean, var, invstd = numba_cpu.forward_train(x3, None, None, 1e-5)
+    >>> torch.allclose(y3.mean(dim=(0, 2)), torch.zeros(3), atol=1e-6)
+    True
+
+Same protocol, signatures and return conventions as ``backends/torch_ops.py`` (see
+``batchnorm.backends``). Memory traffic per element (float32): forward-train one read and one
+write (statistics and normalisation of a channel, or of a block of 16 channels-last channels,
+run back to back while the data is in cache); eval one read and one write; backward two reads
+(dy, x) and one write. The kernels live in ``_numba_kernels``.
+
+* dtypes: float32 and float64 run natively. float16 and bfloat16 (which numba cannot type) are
+  converted to float32 with torch, run in float32, and the outputs converted back: float32
+  accumulation and float32 statistics, at the cost of the conversion traffic.
+* Threads: the parallel kernels run on ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)``
+  numba threads, so ``torch.set_num_threads`` sets both pools and they never run at the same
+  time (the calls are sequential). Tensors under ``PARALLEL_MIN`` elements run serially.
+* Results are bitwise identical whatever the thread count (see ``_numba_kernels``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._conventions import HALF_DTYPES, acc_dtype, invstd_from_var
+from . import _numba_kernels as K
+
+name = "numba"
+
+# Below this many elements a parallel launch costs more than it saves: run on one thread.
+# Depends on the size only, never on the thread count, so results stay deterministic.
+PARALLEL_MIN = 1 << 16
+
+_NATIVE = (torch.float32, torch.float64)
+_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_NP_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def supports(x: Tensor) -> bool:
+    return x.device.type == "cpu" and (x.dtype in _NATIVE or x.dtype in HALF_DTYPES)
+
+
+def _threads_for(numel: int) -> bool:
+    """True to run the parallel kernel, with numba's pool sized to torch's thread count."""
+    if numel < PARALLEL_MIN:
+        return False
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+    return True
+
+
+def _native(t: Tensor | None) -> Tensor | None:
+    """float32 for half tensors (numba has no float16/bfloat16); contiguous, no autograd."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype in HALF_DTYPES:
+        t = t.float()
+    return t.contiguous()
+
+
+def _flat(t: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    """A zero-copy flat NumPy view, or an empty array of ``dtype`` standing for "absent"."""
+    if t is None:
+        return _EMPTY[dtype]
+    return t.numpy().reshape(-1)
+
+
+def _vec(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
+    """A (C,) parameter as a NumPy array in the accumulation dtype; empty when absent."""
+    if t is None:
+        return _EMPTY[acc]
+    return t.detach().to(acc).contiguous().numpy()
+
+
+def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
+    """Shared driver of batch_stats / normalize / forward_train. Returns (y3, mean, var, invstd)."""
+    dtype = x3.dtype
+    xn = _native(x3)  # (A, C, B)
+    A, C, B = xn.shape
+    acc = acc_dtype(dtype)
+    apply = True
+    if stats:
+        mean = torch.empty(C, dtype=acc)
+        invstd = torch.empty(C, dtype=acc)
+    else:
+        mean = mean.detach().to(acc).contiguous()
+        invstd = invstd.detach().to(acc).contiguous()
+    var = torch.empty(C if stats else 0, dtype=acc)
+    y = torch.empty_like(xn)
+    rn = _native(residual3)
+    args = (
+        _flat(xn, acc),
+        _flat(y, acc),
+        _flat(rn, acc),
+        A,
+        C,
+    )
+    tail = (
+        mean.numpy(),
+        var.numpy() if stats else _EMPTY[acc],
+        invstd.numpy(),
+        _vec(weight, acc),
+        _vec(bias, acc),
+        _NP_SCALAR[acc](eps),
+        stats,
+        apply,
+        bool(relu),
+    )
+    if xn.numel() > 0:
+        par = _threads_for(xn.numel())
+        if B > 1:
+            kernel = K.nchw_fwd_par if par else K.nchw_fwd_ser
+            kernel(*args, B, *tail)
+        else:
+            kernel = K.cl_fwd_par if par else K.cl_fwd_ser
+            kernel(*args, *tail)
+    elif stats:  # an empty batch: no values, statistics as of var = 0
+        mean.zero_()
+        var.zero_()
+        invstd.copy_(invstd_from_var(var, eps))
+    if y.dtype != dtype:
+        y = y.to(dtype)
+    return y, mean, var, invstd
+
+
+def batch_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, var)`` of x3 (A, C, B); var biased; one read of x."""
+    _, mean, var, _ = _stats_only(x3)
+    return mean, var
+
+
+def _stats_only(x3: Tensor):
+    dtype = x3.dtype
+    xn = _native(x3)
+    A, C, B = xn.shape
+    acc = acc_dtype(dtype)
+    mean = torch.empty(C, dtype=acc)
+    var = torch.empty(C, dtype=acc)
+    invstd = torch.empty(C, dtype=acc)
+    if xn.numel() > 0:
+        empty = _EMPTY[acc]
+        args = (_flat(xn, acc), empty, empty, A, C)
+        tail = (mean.numpy(), var.numpy(), invstd.numpy(), empty, empty, _NP_SCALAR[acc](0.0))
+        par = _threads_for(xn.numel())
+        if B > 1:
+            (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail, True, False, False)
+        else:
+            (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail, True, False, False)
+    else:
+        mean.zero_()
+        var.zero_()
+        invstd.zero_()
+    return None, mean, var, invstd
+
+
+def normalize(
+    x3: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual3: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """``y = (x - mean) * invstd * w + b`` (+ residual, then relu), in x's dtype. (A, C, B)."""
+    y, _, _, _ = _forward(x3, weight, bias, 0.0, residual3, relu, mean, invstd, False)
+    return y
+
+
+def forward_train(
+    x3: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    residual3: Tensor | None = None,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y3, mean, var, invstd)``: batch statistics and normalisation, fused per channel."""
+    return _forward(x3, weight, bias, eps, residual3, relu, None, None, True)
+
+
+def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, training, y3_mask,
+              sums, do_dx):  # fmt: skip
+    dtype = x3.dtype
+    xn = _native(x3)
+    dyn = _native(dy3)
+    mn = _native(y3_mask)
+    A, C, B = xn.shape
+    acc = acc_dtype(dtype)
+    mean = mean.detach().to(acc).contiguous()
+    invstd = invstd.detach().to(acc).contiguous()
+    if sums:
+        sum_dy = torch.empty(C, dtype=acc)
+        sum_dy_xhat = torch.empty(C, dtype=acc)
+    else:
+        sum_dy = sum_dy.detach().to(acc).contiguous()
+        sum_dy_xhat = sum_dy_xhat.detach().to(acc).contiguous()
+    dx = torch.empty_like(xn) if do_dx else None
+    if xn.numel() > 0:
+        args = (_flat(dyn, acc), _flat(xn, acc), _flat(mn, acc), _flat(dx, acc), A, C)
+        tail = (
+            mean.numpy(),
+            invstd.numpy(),
+            _vec(weight, acc),
+            sum_dy.numpy(),
+            sum_dy_xhat.numpy(),
+            float(count),
+            sums,
+            do_dx,
+            bool(training),
+        )
+        par = _threads_for(xn.numel())
+        if B > 1:
+            (K.nchw_bwd_par if par else K.nchw_bwd_ser)(*args, B, *tail)
+        else:
+            (K.cl_bwd_par if par else K.cl_bwd_ser)(*args, *tail)
+    elif sums:
+        sum_dy.zero_()
+        sum_dy_xhat.zero_()
+    if dx is not None and dx.dtype != dtype:
+        dx = dx.to(dtype)
+    return dx, sum_dy, sum_dy_xhat
+
+
+def grad_sums(
+    dy3: Tensor,
+    x3: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    y3_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(sum_dy, sum_dy_xhat)`` per channel; dy counts only where ``y3_mask > 0`` if given."""
+    _, sum_dy, sum_dy_xhat = _backward(
+        dy3, x3, mean, invstd, None, None, None, 1, True, y3_mask, True, False
+    )
+    return sum_dy, sum_dy_xhat
+
+
+def grad_input(
+    dy3: Tensor,
+    x3: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+    training: bool,
+    y3_mask: Tensor | None = None,
+) -> Tensor:
+    """dx (A, C, B) in x's dtype, from the given sums; ``count`` is n over the whole batch."""
+    dx, _, _ = _backward(
+        dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, training, y3_mask,
+        False, True,
+    )  # fmt: skip
+    return dx
+
+
+def backward(
+    dy3: Tensor,
+    x3: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    training: bool,
+    need_dx: bool,
+    y3_mask: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(dx3 or None, sum_dy, sum_dy_xhat)``: sums and dx fused per channel (2 reads, 1 write)."""
+    count = x3.shape[0] * x3.shape[2]
+    return _backward(
+        dy3, x3, mean, invstd, weight, None, None, count, training, y3_mask, True, need_dx
+    )

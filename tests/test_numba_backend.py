@@ -1,0 +1,316 @@
+"""The numba backend's kernels against the float64 NumPy reference, kernel by kernel.
+
+Every function of the backend protocol runs on the canonical (A, C, B) view of inputs in both
+layouts (NCHW: B > 1; channels-last and (N, C): B == 1), over odd shapes (C=1, primes, N=1
+with spatial > 1, N=0, a channel bigger than L2, tensors big enough for the parallel path),
+in float32/float64 and the half types. Correctness only; speed lives in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, make_input, param_dtype, to_numpy
+
+import batchnorm.functional as BF
+from batchnorm import reference
+from batchnorm._layout import canonical, like_canonical
+from batchnorm.backends import numba_cpu as nb
+from batchnorm.backends import select
+
+EPS = 1e-5
+
+# (shape, channels_last). Sizes above numba_cpu.PARALLEL_MIN take the parallel kernels.
+SHAPES = [
+    ((7, 5), False),  # (N, C): channels interleaved
+    ((4, 3, 10), False),  # BatchNorm1d (N, C, L)
+    ((1, 3, 5, 7), False),  # N = 1, spatial > 1
+    ((1, 3, 5, 7), True),
+    ((3, 1, 4, 4), False),  # C = 1
+    ((3, 1, 4, 4), True),
+    ((2, 13, 3, 5, 2), False),  # 3d, primes
+    ((2, 13, 3, 5, 2), True),
+    ((3, 7, 61, 67), False),  # parallel path, B not a multiple of the vector width
+    ((9, 37, 17, 19), True),  # parallel path, C prime
+    ((4097, 3), False),  # (N, C) over several row blocks
+]
+BIG = [
+    ((2, 2, 1024, 1100), False),  # one channel of 9 MB: bigger than L2, several chunks
+    ((4, 3, 512, 400), True),  # 2.4 M rows of 3 interleaved channels
+]
+EMPTY = [((0, 4, 3, 3), False), ((0, 4, 3, 3), True), ((0, 6), False)]
+NATIVE = (torch.float32, torch.float64)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _params(C, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    pd = param_dtype(dtype)
+    weight = torch.rand(C, generator=g, dtype=pd) + 0.5
+    bias = torch.randn(C, generator=g, dtype=pd)
+    return weight, bias
+
+
+def _np(t):
+    return None if t is None else to_numpy(t)
+
+
+def _count(shape):
+    return int(np.prod(shape)) // shape[1] if shape[1] else 0
+
+
+def _inputs(shape, channels_last, dtype, seed=0):
+    x = make_input(shape, dtype=dtype, channels_last=channels_last, seed=seed)
+    dy = make_input(shape, dtype=dtype, channels_last=channels_last, seed=seed + 1, offset=0.0)
+    return x, dy
+
+
+def _case_id(case):
+    shape, cl = case
+    return f"{'x'.join(map(str, shape))}{'-cl' if cl else ''}"
+
+
+def test_auto_selects_numba_for_cpu():
+    assert select("auto", torch.ones(2, 3)) is nb
+    assert select("numba", torch.ones(2, 3, dtype=torch.bfloat16)) is nb
+
+
+# half types convert to float32 around the same kernels: the small shapes cover that path
+GRID = [(case, dtype) for case in SHAPES for dtype in NATIVE] + [
+    (case, dtype) for case in SHAPES for dtype in HALF if np.prod(case[0]) < 50_000
+]
+
+
+def _grid_id(param):
+    return _case_id(param[0]) + "-" + str(param[1]).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("case_dtype", GRID, ids=_grid_id)
+def test_forward_train_and_backward(case_dtype, affine):
+    (shape, cl), dtype = case_dtype
+    x, dy = _inputs(shape, cl, dtype)
+    weight, bias = _params(shape[1], dtype) if affine else (None, None)
+    x3, layout = canonical(x)
+    # the layout under test is the one intended (C = 1 channels-last is also NCHW-contiguous)
+    assert x3.shape[2] == 1 or not cl or shape[1] == 1
+
+    y3, mean, var, invstd = nb.forward_train(x3, weight, bias, EPS)
+    y_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
+    mean_ref, var_ref, n = reference.batch_statistics(to_numpy(x))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == var.dtype == invstd.dtype == acc
+    assert y3.dtype == dtype and y3.is_contiguous() and y3.shape == x3.shape
+    y = layout.from_canonical(y3)
+    assert_close(y, torch.from_numpy(y_ref), dtype, "y", count=4)
+    assert_close(mean, torch.from_numpy(mean_ref), acc, "mean", count=n)
+    assert_close(var, torch.from_numpy(var_ref), acc, "var", count=n)
+    assert_close(invstd, torch.from_numpy(cache.invstd), acc, "invstd", count=n)
+
+    dy3 = like_canonical(dy, layout)
+    dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, mean, invstd, weight, True, True)
+    dx_ref, dw_ref, db_ref = reference.backward(to_numpy(dy), cache)
+    assert dx3.dtype == dtype and dx3.shape == x3.shape
+    assert_close(layout.from_canonical(dx3), torch.from_numpy(dx_ref), dtype, "dx", count=n)
+    assert_close(sum_dy_xhat, torch.from_numpy(dw_ref), acc, "sum_dy_xhat", count=n)
+    assert_close(sum_dy, torch.from_numpy(db_ref), acc, "sum_dy", count=n)
+
+    no_dx, sum_dy2, sum_dy_xhat2 = nb.backward(dy3, x3, mean, invstd, weight, True, False)
+    assert no_dx is None
+    assert torch.equal(sum_dy2, sum_dy) and torch.equal(sum_dy_xhat2, sum_dy_xhat)
+
+
+@pytest.mark.parametrize("dtype", NATIVE + HALF)
+@pytest.mark.parametrize("case", SHAPES, ids=_case_id)
+def test_eval_normalize_and_backward(case, dtype):
+    shape, cl = case
+    x, dy = _inputs(shape, cl, dtype)
+    C = shape[1]
+    weight, bias = _params(C, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(7)
+    running_mean = torch.randn(C, generator=g, dtype=acc)
+    running_var = torch.rand(C, generator=g, dtype=acc) + 0.5
+    invstd = 1 / torch.sqrt(running_var + EPS)
+    x3, layout = canonical(x)
+
+    y3 = nb.normalize(x3, running_mean, invstd, weight, bias)
+    y_ref, cache = reference.forward_eval(
+        to_numpy(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), EPS
+    )
+    assert_close(layout.from_canonical(y3), torch.from_numpy(y_ref), dtype, "y")
+
+    dy3 = like_canonical(dy, layout)
+    dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, running_mean, invstd, weight, False, True)
+    dx_ref, dw_ref, db_ref = reference.backward_eval(to_numpy(dy), cache)
+    n = _count(shape)
+    assert_close(layout.from_canonical(dx3), torch.from_numpy(dx_ref), dtype, "dx")
+    assert_close(sum_dy_xhat, torch.from_numpy(dw_ref), acc, "sum_dy_xhat", count=n)
+    assert_close(sum_dy, torch.from_numpy(db_ref), acc, "sum_dy", count=n)
+
+
+@pytest.mark.parametrize("dtype", NATIVE)
+@pytest.mark.parametrize("case", SHAPES, ids=_case_id)
+def test_split_functions_match_fused(case, dtype):
+    """batch_stats/normalize and grad_sums/grad_input (SyncBatchNorm's pieces) give the same
+    bytes as the fused kernels, which run the same per-channel code."""
+    shape, cl = case
+    x, dy = _inputs(shape, cl, dtype)
+    weight, bias = _params(shape[1], dtype)
+    x3, layout = canonical(x)
+    dy3 = like_canonical(dy, layout)
+    y3, mean, var, invstd = nb.forward_train(x3, weight, bias, EPS)
+    mean2, var2 = nb.batch_stats(x3)
+    assert torch.equal(mean2, mean) and torch.equal(var2, var)
+    assert torch.equal(nb.normalize(x3, mean, invstd, weight, bias), y3)
+
+    dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, mean, invstd, weight, True, True)
+    s_dy, s_dy_xhat = nb.grad_sums(dy3, x3, mean, invstd)
+    assert torch.equal(s_dy, sum_dy) and torch.equal(s_dy_xhat, sum_dy_xhat)
+    count = _count(shape)
+    dx3b = nb.grad_input(dy3, x3, mean, invstd, weight, s_dy, s_dy_xhat, count, True)
+    assert torch.equal(dx3b, dx3)
+    # a global count (SyncBatchNorm: more values on other ranks) changes dx as the formula says
+    dx3c = nb.grad_input(dy3, x3, mean, invstd, weight, s_dy, s_dy_xhat, 2 * count, True)
+    xhat = (x3.double() - mean.double().view(1, -1, 1)) * invstd.double().view(1, -1, 1)
+    k = (weight.double() * invstd.double()).view(1, -1, 1)
+    expect = k * (
+        dy3.double()
+        - (s_dy.double() / (2 * count)).view(1, -1, 1)
+        - xhat * (s_dy_xhat.double() / (2 * count)).view(1, -1, 1)
+    )
+    assert_close(dx3c, expect, dtype, "dx with a global count", count=count)
+
+
+@pytest.mark.parametrize("dtype", NATIVE + (torch.bfloat16,))
+@pytest.mark.parametrize("case", SHAPES, ids=_case_id)
+def test_fused_residual_relu(case, dtype):
+    """y = relu(bn(x) + residual); backward counts dy only where y > 0 (y3_mask)."""
+    shape, cl = case
+    x, dy = _inputs(shape, cl, dtype)
+    residual = make_input(shape, dtype=dtype, channels_last=cl, seed=5, offset=-0.3)
+    weight, bias = _params(shape[1], dtype)
+    x3, layout = canonical(x)
+    res3 = like_canonical(residual, layout)
+    dy3 = like_canonical(dy, layout)
+
+    y3, mean, var, invstd = nb.forward_train(x3, weight, bias, EPS, res3, True)
+    bn_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
+    pre = bn_ref + to_numpy(residual)
+    y_ref = np.maximum(pre, 0)
+    assert_close(layout.from_canonical(y3), torch.from_numpy(y_ref), dtype, "y", count=4)
+    assert (y3 >= 0).all()
+    y3_norelu, *_ = nb.forward_train(x3, weight, bias, EPS, res3, False)
+    assert_close(layout.from_canonical(y3_norelu), torch.from_numpy(pre), dtype, "bn + res")
+
+    dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, mean, invstd, weight, True, True, y3)
+    # the reference's dy is zero where the kernel's output was clipped
+    dy_masked = to_numpy(dy) * (to_numpy(layout.from_canonical(y3)) > 0)
+    dx_ref, dw_ref, db_ref = reference.backward(dy_masked, cache)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    n = _count(shape)
+    assert_close(layout.from_canonical(dx3), torch.from_numpy(dx_ref), dtype, "dx", count=n)
+    assert_close(sum_dy_xhat, torch.from_numpy(dw_ref), acc, "sum_dy_xhat", count=n)
+    assert_close(sum_dy, torch.from_numpy(db_ref), acc, "sum_dy", count=n)
+    s_dy, s_dy_xhat = nb.grad_sums(dy3, x3, mean, invstd, y3)
+    assert torch.equal(s_dy, sum_dy) and torch.equal(s_dy_xhat, sum_dy_xhat)
+
+    y3_eval = nb.normalize(x3, mean, invstd, weight, bias, res3, True)
+    assert_close(y3_eval, y3, dtype, "eval path with residual and relu")
+
+
+@pytest.mark.parametrize("case", BIG, ids=_case_id)
+def test_big_channels(case):
+    """A channel (or block of rows) far bigger than the caches: many chunks merged."""
+    shape, cl = case
+    x, dy = _inputs(shape, cl, torch.float32)
+    weight, bias = _params(shape[1], torch.float32)
+    x3, layout = canonical(x)
+    y3, mean, var, invstd = nb.forward_train(x3, weight, bias, EPS)
+    y_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
+    mean_ref, var_ref, n = reference.batch_statistics(to_numpy(x))
+    assert_close(layout.from_canonical(y3), torch.from_numpy(y_ref), torch.float32, "y", 4)
+    torch.testing.assert_close(mean.double(), torch.from_numpy(mean_ref), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), torch.from_numpy(var_ref), rtol=1e-6, atol=0)
+    dx3, sum_dy, sum_dy_xhat = nb.backward(like_canonical(dy, layout), x3, mean, invstd, weight,
+                                           True, True)  # fmt: skip
+    dx_ref, dw_ref, db_ref = reference.backward(to_numpy(dy), cache)
+    assert_close(layout.from_canonical(dx3), torch.from_numpy(dx_ref), torch.float32, "dx", n)
+    assert_close(sum_dy, torch.from_numpy(db_ref), torch.float32, "sum_dy", count=n)
+    assert_close(sum_dy_xhat, torch.from_numpy(dw_ref), torch.float32, "sum_dy_xhat", count=n)
+
+
+@pytest.mark.parametrize("case", EMPTY, ids=_case_id)
+def test_empty_batch(case):
+    shape, cl = case
+    x, dy = _inputs(shape, cl, torch.float32)
+    weight, bias = _params(shape[1], torch.float32)
+    x3, layout = canonical(x)
+    y3, mean, var, invstd = nb.forward_train(x3, weight, bias, EPS)
+    assert y3.shape == x3.shape and y3.numel() == 0
+    assert torch.equal(mean, torch.zeros(shape[1])) and torch.equal(var, torch.zeros(shape[1]))
+    dx3, sum_dy, sum_dy_xhat = nb.backward(like_canonical(dy, layout), x3, mean, invstd, weight,
+                                           True, True)  # fmt: skip
+    assert dx3.shape == x3.shape
+    assert torch.equal(sum_dy, torch.zeros(shape[1]))
+    assert torch.equal(sum_dy_xhat, torch.zeros(shape[1]))
+    # and through the public API: empty output, buffers untouched
+    rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+    y = BF.batch_norm(x, rm, rv, weight, bias, training=True, backend="numba")
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.zeros(shape[1])) and torch.equal(rv, torch.ones(shape[1]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_offset_data_keeps_its_variance(channels_last):
+    """x = 1e4 + 0.1 * randn: running_var within 1e-3 relative of float64 (E[x^2] - E[x]^2 in
+    float32 would lose every digit)."""
+    shape = (16, 4, 64, 64)
+    g = torch.Generator().manual_seed(11)
+    x = (1e4 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = BF.batch_norm(x, rm, rv, training=True, momentum=1.0, backend="numba")
+    xd = x.double()
+    var_unbiased = xd.var(dim=(0, 2, 3), correction=1)
+    torch.testing.assert_close(rv.double(), var_unbiased, rtol=1e-3, atol=0)
+    torch.testing.assert_close(rm.double(), xd.mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
+    # the normalised output has unit variance per channel, as in float64
+    assert_close(y.double().var(dim=(0, 2, 3), correction=0), torch.ones(4, dtype=torch.float64),
+                 torch.float32, "var(y)", count=4 * 64 * 64 * 16)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_non_contiguous_input_is_copied(backend):
+    """Strides that are neither NCHW nor channels-last: one copy, same numbers."""
+    base = make_input((4, 6, 10, 8), seed=2)
+    x = base[:, :, ::2, 1:]  # (4, 6, 5, 7), non-contiguous
+    assert not x.is_contiguous()
+    weight, bias = _params(6, torch.float32)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    xg = x.clone().requires_grad_(True)
+    y = BF.batch_norm(xg, rm, rv, weight, bias, training=True, backend=backend)
+    y_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
+    assert_close(y, torch.from_numpy(y_ref), torch.float32, "y", count=4)
+    dy = make_input(x.shape, seed=9)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    dx_ref, _, _ = reference.backward(to_numpy(dy), cache)
+    assert_close(dx, torch.from_numpy(dx_ref), torch.float32, "dx", count=140)
+
+
+def test_threads_follow_torch():
+    """The numba pool is sized to torch.get_num_threads() on each parallel call."""
+    import numba
+
+    before = torch.get_num_threads()
+    x3 = torch.randn(4, 8, 4096)  # above PARALLEL_MIN
+    try:
+        torch.set_num_threads(1)
+        nb.forward_train(x3, None, None, EPS)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    nb.forward_train(x3, None, None, EPS)
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
