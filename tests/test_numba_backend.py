@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_input, param_dtype, to_numpy
 
 import batchnorm.functional as BF
 from batchnorm import reference
 from batchnorm._layout import canonical, like_canonical
 from batchnorm.backends import numba_cpu as nb
 from batchnorm.backends import select
+from conftest import assert_close, make_input, param_dtype, to_numpy
 
 EPS = 1e-5
 

@@ -49,10 +49,30 @@ def supports(x: Tensor) -> bool:
     return x.device.type == "cpu" and (x.dtype in _NATIVE or x.dtype in HALF_DTYPES)
 
 
+_pool_started = False
+
+
+def _start_pool() -> None:
+    """Start numba's thread pool without losing torch's thread count.
+
+    With the OpenMP threading layer, numba and torch share one libgomp, hence one pool of
+    worker threads (no oversubscription); but starting numba's pool sets the calling thread's
+    OpenMP thread count to NUMBA_NUM_THREADS, which is what torch.get_num_threads() reads.
+    """
+    global _pool_started
+    before = torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    _pool_started = True
+
+
 def _threads_for(numel: int) -> bool:
     """True to run the parallel kernel, with numba's pool sized to torch's thread count."""
     if numel < PARALLEL_MIN:
         return False
+    if not _pool_started:
+        _start_pool()
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
