@@ -105,27 +105,32 @@ def explain_figure(
 
 def demo_figure(
     path: str,
-    loss_torch: list[float],
-    loss_ours: list[float],
+    loss: dict[str, list[float]],
     steps_per_epoch: int,
     title: str,
 ) -> None:
-    """Both training-loss curves in one panel, their absolute difference (log) below."""
+    """Both training-loss curves in one panel; below, on a log axis, |ours - torch| beside
+    |control - torch| (torch's own sensitivity to a one-ulp change in the initial weights)."""
     fig = _figure(figsize=(9, 7), dpi=110, layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
-    step = np.arange(1, len(loss_torch) + 1)
-    a, b = np.asarray(loss_torch), np.asarray(loss_ours)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1.3))
+    a, b = np.asarray(loss["torch"]), np.asarray(loss["ours"])
+    step = np.arange(1, a.size + 1)
     top.plot(step, a, color="#1f77b4", lw=3.0, alpha=0.55, label="torch.nn.BatchNorm2d")
     top.plot(step, b, color="#d62728", lw=1.1, ls="--", label="batchnorm.BatchNorm2d")
     top.set_ylabel("training loss (cross entropy)")
-    top.set_title(title, fontsize=11.5)
+    top.set_title(title, fontsize=11)
     top.legend()
-    d = np.abs(a - b)
-    floor = 1e-12  # an exactly equal step has difference 0, which a log axis cannot show
-    bottom.semilogy(step, np.maximum(d, floor), color="black", lw=1)
-    bottom.set_ylabel(f"|difference|\n(0 drawn at {floor:g})")
-    bottom.set_xlabel("training step")
+    floor = 1e-9  # an exactly equal step has difference 0, which a log axis cannot show
+    if "control" in loss:
+        dc = np.abs(np.asarray(loss["control"]) - a)
+        bottom.semilogy(step, np.maximum(dc, floor), color="grey", lw=1, alpha=0.8,
+                        label="torch vs torch with one ulp changed in the initial weights")  # fmt: skip
+    bottom.semilogy(step, np.maximum(np.abs(a - b), floor), color="#d62728", lw=1,
+                    label="batchnorm vs torch")  # fmt: skip
+    bottom.set_ylabel(f"|loss difference|\n(0 drawn at {floor:g})")
+    bottom.set_xlabel(f"training step ({steps_per_epoch} per epoch)")
+    bottom.legend(fontsize=8.5, loc="upper left")
     for ax in (top, bottom):
-        for s in range(steps_per_epoch, len(step), steps_per_epoch):
+        for s in range(steps_per_epoch, step.size, steps_per_epoch):
             ax.axvline(s + 0.5, color="grey", lw=0.5, alpha=0.5)
     fig.savefig(path)

@@ -1,4 +1,4 @@
-"""``batchnorm explain``: one batch-norm training step, reproduced step by step, checked against torch.
+"""``batchnorm explain``: one batch-norm training step, step by step, checked against torch.
 
 Example::
 
@@ -122,23 +122,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "then explain the next one: each value with its formula, beside torch's."
         ),
     )
-    p.add_argument("--shape", type=_shape, default=(1, 2, 3, 3), metavar="N,C[,spatial...]",
-                   help="shape of a random normal input (default 1,2,3,3, the seed notebook's)")  # fmt: skip
-    p.add_argument("--seed", type=_int, default=0, help="seed of the random input (default 0)")
-    p.add_argument("--input", metavar="FILE", help="input tensor, .npy or .pt (overrides "
-                   "--shape and --seed)")  # fmt: skip
-    p.add_argument("--momentum", type=_momentum, default=0.1, metavar="FLOAT|none",
-                   help="weight of the new batch, 0 < m <= 1, or none (default 0.1)")  # fmt: skip
-    p.add_argument("--eps", type=_eps, default=1e-5, help="added to var inside the root "
-                   "(default 1e-5)")  # fmt: skip
-    p.add_argument("--steps", type=_steps, default=0, metavar="K",
-                   help="training steps on the same input before the explained one (default 0)")  # fmt: skip
-    p.add_argument("--eval", action="store_true",
-                   help="also explain an eval pass with the running buffers reached")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.add_argument("--plot", metavar="FILE.png", help="draw histograms and running_var curves")
-    p.add_argument("--yours", metavar="FILE", help="a tensor you computed by hand for the same "
-                   "input (.npy or .pt): name what it matches (the eval output with --eval)")  # fmt: skip
+    add = p.add_argument
+    # fmt: off
+    add("--shape", type=_shape, default=(1, 2, 3, 3), metavar="N,C[,spatial...]",
+        help="shape of a random normal input (default 1,2,3,3, as in the seed notebook)")
+    add("--seed", type=_int, default=0, help="seed of the random input (default 0)")
+    add("--input", metavar="FILE", help="input tensor, .npy or .pt (overrides --shape, --seed)")
+    add("--momentum", type=_momentum, default=0.1, metavar="FLOAT|none",
+        help="weight of the new batch, 0 < m <= 1, or none (default 0.1)")
+    add("--eps", type=_eps, default=1e-5, help="added to var inside the root (default 1e-5)")
+    add("--steps", type=_steps, default=0, metavar="K",
+        help="training steps on the same input before the explained one (default 0)")
+    add("--eval", action="store_true",
+        help="also explain an eval pass with the running buffers reached")
+    add("--json", action="store_true", help="print one JSON object instead of tables")
+    add("--plot", metavar="FILE.png", help="draw histograms and running_var curves")
+    add("--yours", metavar="FILE",
+        help="a tensor you computed by hand for the same input (.npy or .pt): name what it "
+        "matches (the eval output with --eval)")
+    # fmt: on
     p.set_defaults(run=run)
     return p
 
