@@ -123,10 +123,10 @@ def demo_figure(
     floor = 1e-9  # an exactly equal step has difference 0, which a log axis cannot show
     if "control" in loss:
         dc = np.abs(np.asarray(loss["control"]) - a)
-        bottom.semilogy(step, np.maximum(dc, floor), color="grey", lw=1, alpha=0.8,
-                        label="torch vs torch with one ulp changed in the initial weights")  # fmt: skip
-    bottom.semilogy(step, np.maximum(np.abs(a - b), floor), color="#d62728", lw=1,
-                    label="batchnorm vs torch")  # fmt: skip
+        control = "torch vs torch with one ulp changed in the initial weights"
+        bottom.semilogy(step, np.maximum(dc, floor), color="grey", lw=1, alpha=0.8, label=control)
+    d = np.maximum(np.abs(a - b), floor)
+    bottom.semilogy(step, d, color="#d62728", lw=1, label="batchnorm vs torch")
     bottom.set_ylabel(f"|loss difference|\n(0 drawn at {floor:g})")
     bottom.set_xlabel(f"training step ({steps_per_epoch} per epoch)")
     bottom.legend(fontsize=8.5, loc="upper left")

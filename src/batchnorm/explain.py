@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,8 @@ def _eps(text: str) -> float:
         eps = float(text)
     except ValueError:
         eps = math.nan
-    if not 0 <= eps < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite float >= 0, got {text!r}")
+    if not 0 < eps < math.inf:  # torch refuses eps <= 0 in training
+        raise argparse.ArgumentTypeError(f"expected a finite float > 0, got {text!r}")
     return eps
 
 
@@ -160,12 +161,16 @@ def load_tensor(path: str, what: str = "--input") -> torch.Tensor:
     if not p.is_file():
         raise UsageError(f"{what} {path}: no such file")
     try:
-        if suffix == ".npy":
-            t = torch.from_numpy(np.load(p, allow_pickle=False))
-        else:
-            t = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch.load warns about odd pickles before failing
+            warnings.simplefilter("ignore")
+            if suffix == ".npy":
+                t = torch.from_numpy(np.load(p, allow_pickle=False))
+            else:
+                t = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # numpy and torch raise many types for a bad file; all mean "bad file"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if msg.startswith("Weights only load failed"):
+            msg = "not a tensor saved with torch.save; torch.load(weights_only=True) refused it"
         raise UsageError(f"{what} {path}: cannot read it as {suffix} ({msg[:160]})") from None
     if not isinstance(t, torch.Tensor):
         raise UsageError(f"{what} {path}: expected one tensor, got {type(t).__name__}")
@@ -617,7 +622,10 @@ def run(args: argparse.Namespace) -> int:
         if not plot.parent.is_dir():
             raise UsageError(f"--plot {args.plot}: no such directory {plot.parent}")
 
-    e = explain(x, momentum=args.momentum, eps=args.eps, steps=args.steps, eval=args.eval)
+    try:
+        e = explain(x, momentum=args.momentum, eps=args.eps, steps=args.steps, eval=args.eval)
+    except ValueError as err:  # a check of torch's or ours that the ones above missed
+        raise UsageError(str(err).splitlines()[0]) from None
     e.source = source
     if yours is not None:
         mode = "eval" if args.eval else "training"
