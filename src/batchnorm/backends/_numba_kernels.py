@@ -32,6 +32,11 @@ from numba import njit, prange
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for the 2nd look
+# Bytes of one NCHW work item (a block of whole channels) that should stay in L2 (1 MiB per
+# core on the machines we measured) between its first read and its last, leaving room for the
+# outputs streaming through.
+L2_BUDGET = 1 << 19
+MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
 
@@ -46,25 +51,55 @@ def _merge(n, mean, m2, cnt, mean_k, m2_k):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _run_moments(x, lo, hi, shift, zero):
-    """(mean, m2) in float64 of x[lo:hi], a contiguous run of at most CHUNK values.
+def _segment_moments(x, C, B, c, a0, a1, lo, hi, shift, zero):
+    """(mean, m2) in float64 of channel c over rows [a0, a1) and columns [lo, hi): at most
+    CHUNK values, so the second look hits L1.
 
-    ``shift`` is a length-1 scratch array of x's dtype (it keeps the shift in that dtype)."""
-    cnt = hi - lo
-    xs = x[lo:hi]  # loops over views from 0: numba then proves i >= 0 and vectorises
+    A first sum gives a shift m in x's dtype (kept in the length-1 array ``shift``); then
+    s1 = sum(x - m) and s2 = sum((x - m)^2) give the exact mean m + s1/n and the centred
+    m2 = s2 - s1^2/n, whatever the data's offset from zero."""
+    cnt = (a1 - a0) * (hi - lo)
     s = zero
-    for i in range(cnt):
-        s += xs[i]
+    for a in range(a0, a1):
+        base = (a * C + c) * B
+        xs = x[base + lo : base + hi]  # loops over views from 0: numba proves i >= 0, vectorises
+        for i in range(hi - lo):
+            s += xs[i]
     shift[0] = s / cnt
     m = shift[0]
     s1 = zero
     s2 = zero
-    for i in range(cnt):
-        d = xs[i] - m
-        s1 += d
-        s2 += d * d
+    for a in range(a0, a1):
+        base = (a * C + c) * B
+        xs = x[base + lo : base + hi]
+        for i in range(hi - lo):
+            d = xs[i] - m
+            s1 += d
+            s2 += d * d
     s1d = np.float64(s1)
-    return np.float64(m) + s1d / cnt, np.float64(s2) - s1d * s1d / cnt
+    return cnt, np.float64(m) + s1d / cnt, np.float64(s2) - s1d * s1d / cnt
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _channel_moments(x, A, C, B, c, shift, zero):
+    """(n, mean, m2) of channel c: segments of at most CHUNK values (part of a row when
+    B >= CHUNK, else several whole rows), merged in order with Chan's update."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    if B >= CHUNK:
+        for a in range(A):
+            for lo in range(0, B, CHUNK):
+                cnt, mk, m2k = _segment_moments(
+                    x, C, B, c, a, a + 1, lo, min(lo + CHUNK, B), shift, zero
+                )
+                n, mean, m2 = _merge(n, mean, m2, cnt, mk, m2k)
+    else:
+        R = CHUNK // B
+        for a0 in range(0, A, R):
+            cnt, mk, m2k = _segment_moments(x, C, B, c, a0, min(a0 + R, A), 0, B, shift, zero)
+            n, mean, m2 = _merge(n, mean, m2, cnt, mk, m2k)
+    return n, mean, m2
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -98,16 +133,7 @@ def _nchw_fwd_channel(
 ):
     """Statistics and/or normalisation of channel c; x, y, res flat (A * C * B,)."""
     if stats:
-        shift = np.empty(1, x.dtype)
-        n = 0.0
-        mean64 = 0.0
-        m2 = 0.0
-        for a in range(A):
-            base = (a * C + c) * B
-            for lo in range(base, base + B, CHUNK):
-                hi = min(lo + CHUNK, base + B)
-                mk, m2k = _run_moments(x, lo, hi, shift, zero)
-                n, mean64, m2 = _merge(n, mean64, m2, hi - lo, mk, m2k)
+        n, mean64, m2 = _channel_moments(x, A, C, B, c, acc, zero)
         _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t)
     if apply:
         scale64, shift64 = _scale_shift(c, mean, invstd, w, b)
@@ -138,78 +164,205 @@ def _nchw_fwd_channel(
                     ys[i] = xs[i] * scale + sh
 
 
+@njit(cache=True)
+def channels_per_block(A, C, B, itemsize, streams):
+    """Channels per NCHW work item: as many whole channels as fit L2_BUDGET (``streams``
+    tensors of them: x, or x and dy), at most C / MIN_BLOCKS. Depends on the shape only."""
+    cb = max(1, L2_BUDGET // max(1, A * B * itemsize * streams))
+    return max(1, min(cb, (C + MIN_BLOCKS - 1) // MIN_BLOCKS))
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_fwd_block(
+    c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, sx
+):  # fmt: skip
+    """Channels [c0, c1): two-pass statistics then normalisation, rows in memory order.
+
+    For each sample a, the block's channels are one contiguous run of (c1 - c0) * B values,
+    so the first pass streams from memory; the block fits L2, so the centred second pass and
+    the normalisation read it from there. sx: (3, >= c1 - c0) scratch in x's dtype."""
+    nc = c1 - c0
+    n = A * B
+    if stats:
+        tot = np.zeros(nc)
+        for a in range(A):
+            for k in range(nc):
+                base = (a * C + c0 + k) * B
+                for lo in range(0, B, CHUNK):
+                    xs = x[base + lo : base + min(lo + CHUNK, B)]
+                    s = zero
+                    for i in range(xs.size):
+                        s += xs[i]
+                    tot[k] += s
+        for k in range(nc):
+            sx[0, k] = tot[k] / n  # a shift close to the mean, in x's dtype
+        t1 = np.zeros(nc)
+        t2 = np.zeros(nc)
+        for a in range(A):
+            for k in range(nc):
+                base = (a * C + c0 + k) * B
+                m = sx[0, k]
+                for lo in range(0, B, CHUNK):
+                    xs = x[base + lo : base + min(lo + CHUNK, B)]
+                    s1 = zero
+                    s2 = zero
+                    for i in range(xs.size):
+                        d = xs[i] - m
+                        s1 += d
+                        s2 += d * d
+                    t1[k] += s1
+                    t2[k] += s2
+        for k in range(nc):
+            # exact mean and centred sum of squares from sums about the shift m
+            mean64 = np.float64(sx[0, k]) + t1[k] / n
+            _finish_stats(c0 + k, n, mean64, t2[k] - t1[k] * t1[k] / n, mean, var, invstd, eps_t)
+    if not apply:
+        return
+    for k in range(nc):
+        sc, sf = _scale_shift(c0 + k, mean, invstd, w, b)
+        sx[1, k] = sc
+        sx[2, k] = sf
+    has_res = res.size > 0
+    for a in range(A):
+        for k in range(nc):
+            base = (a * C + c0 + k) * B
+            scale = sx[1, k]
+            sh = sx[2, k]
+            xs = x[base : base + B]
+            ys = y[base : base + B]
+            if has_res:
+                rs = res[base : base + B]
+                for i in range(B):
+                    v = xs[i] * scale + sh + rs[i]
+                    if relu and v < 0:
+                        v = 0
+                    ys[i] = v
+            elif relu:
+                for i in range(B):
+                    v = xs[i] * scale + sh
+                    if v < 0:
+                        v = 0
+                    ys[i] = v
+            else:
+                for i in range(B):
+                    ys[i] = xs[i] * scale + sh
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply,
+                   relu, zero):  # fmt: skip
+    c0 = j * cb
+    c1 = min(C, c0 + cb)
+    if A * B * x.itemsize > L2_BUDGET:
+        # one channel overflows L2: chunked moments read it from memory once, normalisation
+        # a second time (no blocked pass could do better)
+        acc = np.empty(2, x.dtype)
+        for c in range(c0, c1):
+            _nchw_fwd_channel(
+                c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
+                zero, acc,
+            )  # fmt: skip
+    else:
+        sx = np.empty((3, c1 - c0), x.dtype)
+        _nchw_fwd_block(
+            c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
+            zero, sx,
+        )  # fmt: skip
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
-    for c in prange(C):
-        acc = np.empty(2, x.dtype)
-        _nchw_fwd_channel(
-            c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
+    cb = channels_per_block(A, C, B, x.itemsize, 1)
+    for j in prange((C + cb - 1) // cb):
+        _nchw_fwd_item(
+            j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
         )
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
-    acc = np.empty(2, x.dtype)
-    for c in range(C):
-        _nchw_fwd_channel(
-            c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
+    cb = channels_per_block(A, C, B, x.itemsize, 1)
+    for j in range((C + cb - 1) // cb):
+        _nchw_fwd_item(
+            j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
         )
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _nchw_bwd_channel(
-    c, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
-    sums, do_dx, training, zero, acc,
+def _segment_grad_sums(dy, x, mask, C, B, c, a0, a1, lo, hi, m, zero):
+    """(sum(dy), sum(dy * (x - m))) of channel c over rows [a0, a1) and columns [lo, hi),
+    accumulated in x's dtype (at most CHUNK values), returned as float64. dy counts only
+    where mask > 0 when a mask is given (a fused relu)."""
+    s_dy = zero
+    s_dyxmu = zero
+    for a in range(a0, a1):
+        base = (a * C + c) * B
+        xs = x[base + lo : base + hi]
+        dys = dy[base + lo : base + hi]
+        if mask.size > 0:
+            ms = mask[base + lo : base + hi]
+            for i in range(hi - lo):
+                g = dys[i] if ms[i] > 0 else zero
+                s_dy += g
+                s_dyxmu += g * (xs[i] - m)
+        else:
+            for i in range(hi - lo):
+                s_dy += dys[i]
+                s_dyxmu += dys[i] * (xs[i] - m)
+    return np.float64(s_dy), np.float64(s_dyxmu)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_bwd_block(
+    c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+    sums, do_dx, training, zero, sx,
 ):  # fmt: skip
-    """sum_dy, sum_dy_xhat and/or dx of channel c; dy, x, mask, dx flat (A * C * B,)."""
-    has_mask = mask.size > 0
-    acc[0] = mean[c]
-    m = acc[0]
+    """sum_dy, sum_dy_xhat and/or dx of channels [c0, c1), rows in memory order: the sums
+    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it).
+    sx: (4, >= c1 - c0) scratch in x's dtype."""
+    nc = c1 - c0
+    for k in range(nc):
+        sx[0, k] = mean[c0 + k]
     if sums:
-        t_dy = 0.0
-        t_dyxmu = 0.0
+        t_dy = np.zeros(nc)
+        t_dyxmu = np.zeros(nc)
         for a in range(A):
-            base = (a * C + c) * B
-            for lo in range(base, base + B, CHUNK):
-                hi = min(lo + CHUNK, base + B)
-                s_dy = zero
-                s_dyxmu = zero
-                xs = x[lo:hi]
-                dys = dy[lo:hi]
-                if has_mask:
-                    ms = mask[lo:hi]
-                    for i in range(hi - lo):
-                        g = dys[i] if ms[i] > 0 else zero
-                        s_dy += g
-                        s_dyxmu += g * (xs[i] - m)
-                else:
-                    for i in range(hi - lo):
-                        s_dy += dys[i]
-                        s_dyxmu += dys[i] * (xs[i] - m)
-                t_dy += s_dy
-                t_dyxmu += s_dyxmu
-        sum_dy[c] = t_dy
-        sum_dy_xhat[c] = t_dyxmu * np.float64(invstd[c])
-    if do_dx:
+            for k in range(nc):
+                m = sx[0, k]
+                for lo in range(0, B, CHUNK):
+                    p_dy, p_dyxmu = _segment_grad_sums(
+                        dy, x, mask, C, B, c0 + k, a, a + 1, lo, min(lo + CHUNK, B), m, zero
+                    )
+                    t_dy[k] += p_dy
+                    t_dyxmu[k] += p_dyxmu
+        for k in range(nc):
+            sum_dy[c0 + k] = t_dy[k]
+            sum_dy_xhat[c0 + k] = t_dyxmu[k] * np.float64(invstd[c0 + k])
+    if not do_dx:
+        return
+    for k in range(nc):
+        c = c0 + k
+        # dx = k_dy * (dy - sum_dy / n - xhat * sum_dy_xhat / n) = k_dy * dy + k_x * x + k_0
         k_dy = np.float64(invstd[c])
         if w.size > 0:
             k_dy *= np.float64(w[c])
-        # dx = k_dy * (dy - sum_dy / n - xhat * sum_dy_xhat / n) = k_dy * dy + k_x * x + k_0
         k_x = 0.0
         k_0 = 0.0
         if training:
             k_x = -k_dy * np.float64(invstd[c]) * np.float64(sum_dy_xhat[c]) / count
             k_0 = -k_dy * np.float64(sum_dy[c]) / count - np.float64(mean[c]) * k_x
-        acc[0] = k_dy
-        acc[1] = k_x
-        acc[2] = k_0
-        kdy = acc[0]
-        kx = acc[1]
-        k0 = acc[2]
-        for a in range(A):
-            base = (a * C + c) * B
+        sx[1, k] = k_dy
+        sx[2, k] = k_x
+        sx[3, k] = k_0
+    has_mask = mask.size > 0
+    for a in range(A):
+        for k in range(nc):
+            base = (a * C + c0 + k) * B
+            kdy = sx[1, k]
+            kx = sx[2, k]
+            k0 = sx[3, k]
             xs = x[base : base + B]
             dys = dy[base : base + B]
             dxs = dx[base : base + B]
@@ -231,11 +384,14 @@ def nchw_bwd_par(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
     zero = np.zeros(1, x.dtype)[0]
-    for c in prange(C):
-        acc = np.empty(3, x.dtype)
-        _nchw_bwd_channel(
-            c, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
-            sums, do_dx, training, zero, acc,
+    cb = channels_per_block(A, C, B, x.itemsize, 2)
+    for j in prange((C + cb - 1) // cb):
+        c0 = j * cb
+        c1 = min(C, c0 + cb)
+        sx = np.empty((4, c1 - c0), x.dtype)
+        _nchw_bwd_block(
+            c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+            sums, do_dx, training, zero, sx,
         )  # fmt: skip
 
 
@@ -244,11 +400,13 @@ def nchw_bwd_ser(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
     zero = np.zeros(1, x.dtype)[0]
-    acc = np.empty(3, x.dtype)
-    for c in range(C):
-        _nchw_bwd_channel(
-            c, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
-            sums, do_dx, training, zero, acc,
+    cb = channels_per_block(A, C, B, x.itemsize, 2)
+    sx = np.empty((4, cb), x.dtype)
+    for j in range((C + cb - 1) // cb):
+        c0 = j * cb
+        _nchw_bwd_block(
+            c0, min(C, c0 + cb), dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy,
+            sum_dy_xhat, count, sums, do_dx, training, zero, sx,
         )  # fmt: skip
 
 

@@ -79,79 +79,63 @@ def _threads_for(numel: int) -> bool:
     return True
 
 
-def _native(t: Tensor | None) -> Tensor | None:
-    """float32 for half tensors (numba has no float16/bfloat16); contiguous, no autograd."""
+def _arr(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
+    """A zero-copy flat NumPy view of ``t`` in ``acc`` (half types are converted: numba has no
+    float16/bfloat16), or an empty array standing for "absent". Cheap checks first: this
+    runs several times per call, and tiny tensors are all overhead."""
     if t is None:
-        return None
-    t = t.detach()
-    if t.dtype in HALF_DTYPES:
-        t = t.float()
-    return t.contiguous()
-
-
-def _flat(t: Tensor | None, dtype: torch.dtype) -> np.ndarray:
-    """A zero-copy flat NumPy view, or an empty array of ``dtype`` standing for "absent"."""
-    if t is None:
-        return _EMPTY[dtype]
+        return _EMPTY[acc]
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != acc:
+        t = t.to(acc)
+    if not t.is_contiguous():
+        t = t.contiguous()
     return t.numpy().reshape(-1)
 
 
-def _vec(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
-    """A (C,) parameter as a NumPy array in the accumulation dtype; empty when absent."""
-    if t is None:
-        return _EMPTY[acc]
-    return t.detach().to(acc).contiguous().numpy()
-
-
 def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
-    """Shared driver of batch_stats / normalize / forward_train. Returns (y3, mean, var, invstd)."""
+    """Shared driver of normalize / forward_train. Returns (y3, mean, var, invstd)."""
     dtype = x3.dtype
-    xn = _native(x3)  # (A, C, B)
-    A, C, B = xn.shape
+    A, C, B = x3.shape
     acc = acc_dtype(dtype)
-    apply = True
+    x = _arr(x3, acc)  # (A * C * B,)
     if stats:
         mean = torch.empty(C, dtype=acc)
+        var = torch.empty(C, dtype=acc)
         invstd = torch.empty(C, dtype=acc)
+        var_np = var.numpy()
     else:
         mean = mean.detach().to(acc).contiguous()
         invstd = invstd.detach().to(acc).contiguous()
-    var = torch.empty(C if stats else 0, dtype=acc)
-    y = torch.empty_like(xn)
-    rn = _native(residual3)
-    args = (
-        _flat(xn, acc),
-        _flat(y, acc),
-        _flat(rn, acc),
-        A,
-        C,
-    )
-    tail = (
-        mean.numpy(),
-        var.numpy() if stats else _EMPTY[acc],
-        invstd.numpy(),
-        _vec(weight, acc),
-        _vec(bias, acc),
-        _NP_SCALAR[acc](eps),
-        stats,
-        apply,
-        bool(relu),
-    )
-    if xn.numel() > 0:
-        par = _threads_for(xn.numel())
+        var = None
+        var_np = _EMPTY[acc]
+    y3 = torch.empty((A, C, B), dtype=acc)
+    if x.size > 0:
+        args = (x, y3.numpy().reshape(-1), _arr(residual3, acc), A, C)
+        tail = (
+            mean.numpy(),
+            var_np,
+            invstd.numpy(),
+            _arr(weight, acc),
+            _arr(bias, acc),
+            _NP_SCALAR[acc](eps),
+            stats,
+            True,
+            bool(relu),
+        )
+        par = _threads_for(x.size)
         if B > 1:
-            kernel = K.nchw_fwd_par if par else K.nchw_fwd_ser
-            kernel(*args, B, *tail)
+            (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail)
         else:
-            kernel = K.cl_fwd_par if par else K.cl_fwd_ser
-            kernel(*args, *tail)
+            (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail)
     elif stats:  # an empty batch: no values, statistics as of var = 0
         mean.zero_()
         var.zero_()
         invstd.copy_(invstd_from_var(var, eps))
-    if y.dtype != dtype:
-        y = y.to(dtype)
-    return y, mean, var, invstd
+    if acc != dtype:
+        y3 = y3.to(dtype)
+    return y3, mean, var, invstd
 
 
 def batch_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,26 +145,21 @@ def batch_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _stats_only(x3: Tensor):
-    dtype = x3.dtype
-    xn = _native(x3)
-    A, C, B = xn.shape
-    acc = acc_dtype(dtype)
-    mean = torch.empty(C, dtype=acc)
-    var = torch.empty(C, dtype=acc)
-    invstd = torch.empty(C, dtype=acc)
-    if xn.numel() > 0:
+    A, C, B = x3.shape
+    acc = acc_dtype(x3.dtype)
+    x = _arr(x3, acc)
+    mean = torch.zeros(C, dtype=acc)
+    var = torch.zeros(C, dtype=acc)
+    invstd = torch.zeros(C, dtype=acc)
+    if x.size > 0:
         empty = _EMPTY[acc]
-        args = (_flat(xn, acc), empty, empty, A, C)
+        args = (x, empty, empty, A, C)
         tail = (mean.numpy(), var.numpy(), invstd.numpy(), empty, empty, _NP_SCALAR[acc](0.0))
-        par = _threads_for(xn.numel())
+        par = _threads_for(x.size)
         if B > 1:
             (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail, True, False, False)
         else:
             (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail, True, False, False)
-    else:
-        mean.zero_()
-        var.zero_()
-        invstd.zero_()
     return None, mean, var, invstd
 
 
@@ -213,26 +192,29 @@ def forward_train(
 def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, training, y3_mask,
               sums, do_dx):  # fmt: skip
     dtype = x3.dtype
-    xn = _native(x3)
-    dyn = _native(dy3)
-    mn = _native(y3_mask)
-    A, C, B = xn.shape
+    A, C, B = x3.shape
     acc = acc_dtype(dtype)
-    mean = mean.detach().to(acc).contiguous()
-    invstd = invstd.detach().to(acc).contiguous()
+    x = _arr(x3, acc)
     if sums:
-        sum_dy = torch.empty(C, dtype=acc)
-        sum_dy_xhat = torch.empty(C, dtype=acc)
+        sum_dy = torch.zeros(C, dtype=acc)
+        sum_dy_xhat = torch.zeros(C, dtype=acc)
     else:
         sum_dy = sum_dy.detach().to(acc).contiguous()
         sum_dy_xhat = sum_dy_xhat.detach().to(acc).contiguous()
-    dx = torch.empty_like(xn) if do_dx else None
-    if xn.numel() > 0:
-        args = (_flat(dyn, acc), _flat(xn, acc), _flat(mn, acc), _flat(dx, acc), A, C)
+    dx3 = torch.empty((A, C, B), dtype=acc) if do_dx else None
+    if x.size > 0:
+        args = (
+            _arr(dy3, acc),
+            x,
+            _arr(y3_mask, acc),
+            dx3.numpy().reshape(-1) if do_dx else _EMPTY[acc],
+            A,
+            C,
+        )
         tail = (
-            mean.numpy(),
-            invstd.numpy(),
-            _vec(weight, acc),
+            _arr(mean, acc),
+            _arr(invstd, acc),
+            _arr(weight, acc),
             sum_dy.numpy(),
             sum_dy_xhat.numpy(),
             float(count),
@@ -240,17 +222,14 @@ def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, trainin
             do_dx,
             bool(training),
         )
-        par = _threads_for(xn.numel())
+        par = _threads_for(x.size)
         if B > 1:
             (K.nchw_bwd_par if par else K.nchw_bwd_ser)(*args, B, *tail)
         else:
             (K.cl_bwd_par if par else K.cl_bwd_ser)(*args, *tail)
-    elif sums:
-        sum_dy.zero_()
-        sum_dy_xhat.zero_()
-    if dx is not None and dx.dtype != dtype:
-        dx = dx.to(dtype)
-    return dx, sum_dy, sum_dy_xhat
+    if dx3 is not None and acc != dtype:
+        dx3 = dx3.to(dtype)
+    return dx3, sum_dy, sum_dy_xhat
 
 
 def grad_sums(
