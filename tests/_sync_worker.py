@@ -267,7 +267,9 @@ def _entry(rank: int, world: int, port: int, outdir: str) -> None:
     except Exception:
         result = {"crash": traceback.format_exc()}
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    # No destroy_process_group(): after DDP it sometimes aborts the process in torch 2.13
+    # (see examples/ddp_cpu.py); the group goes away with the process.
+    dist.barrier()
 
 
 def free_port() -> int:
