@@ -465,7 +465,6 @@ def _channel_rows(e: Explanation, c: int) -> list[tuple[str, str, str, tuple[str
     x = e.x[idx].astype(np.float64)
     n, eps, r = e.n, e.eps, e.rtol
     mean, var, vu, invstd = e.mean[c], e.var[c], e.var_unbiased[c], e.invstd[c]
-    f = e.factor
     ours, theirs = e.ours, e.theirs
     dims = "*".join(str(s) for i, s in enumerate(e.x.shape) if i != 1)
     y_ours, y_theirs = ours["output"][idx], theirs["output"][idx]
@@ -492,7 +491,7 @@ def _channel_rows(e: Explanation, c: int) -> list[tuple[str, str, str, tuple[str
         ("running_mean", f"(1 - m) * {_g(rm0)} + m * mean, {_momentum_text(e)}",
          _g(float(ours["running_mean"][c])),
          _mark(ours["running_mean"][c], theirs["running_mean"][c], r)),
-        ("running_var", f"(1 - m) * {_g(rv0)} + m * var_unbiased, m = {f:.6g}",
+        ("running_var", f"(1 - m) * {_g(rv0)} + m * var_unbiased, {_momentum_text(e)}",
          _g(float(ours["running_var"][c])),
          _mark(ours["running_var"][c], theirs["running_var"][c], r)),
         ("num_batches_tracked", f"{e.steps} earlier steps + 1", str(e.num_batches_tracked),
