@@ -43,7 +43,8 @@ def explain_figure(
     """
     C = e.x.shape[1]
     cols = min(C, MAX_CHANNELS)
-    fig = _figure(figsize=(4.6 * cols + 0.6, 8.4), dpi=110, layout="constrained")
+    # wide enough for the title and the legend even with one channel
+    fig = _figure(figsize=(max(4.6 * cols + 0.6, 11.0), 8.4), dpi=110, layout="constrained")
     axes = fig.subplots(2, cols, squeeze=False)
     mom = "None" if e.momentum is None else f"{e.momentum:g}"
     shown = "" if C <= cols else f" (first {cols} of {C} channels)"
