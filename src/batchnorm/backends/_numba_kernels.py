@@ -36,6 +36,7 @@ CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for t
 # core on the machines we measured) between its first read and its last, leaving room for the
 # outputs streaming through.
 L2_BUDGET = 1 << 19
+CL_CHUNK = 8192  # values per channels-last statistics chunk: 32 KiB of float32, in L1
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
@@ -428,24 +429,48 @@ def rows_per_block(C):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
-    """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64; s..s2: (C,) scratch."""
-    R = max(1, CHUNK // C)  # rows per L1-resident chunk
+    """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64; s..s2: (C,) scratch.
+
+    Chunks of CL_CHUNK values (L1) get the shifted two-pass treatment of the NCHW kernels,
+    four rows per step so the (C,) accumulators are loaded and stored once per four rows."""
+    R = max(4, CL_CHUNK // C)  # rows per L1-resident chunk
     n = 0.0
     pmean[:] = 0.0
     pm2[:] = 0.0
     for r0 in range(rlo, rhi, R):
         r1 = min(r0 + R, rhi)
         cnt = r1 - r0
+        r4 = r0 + (cnt // 4) * 4
         s[:] = zero
         s1[:] = zero
         s2[:] = zero
-        for r in range(r0, r1):
+        for r in range(r0, r4, 4):
+            xa = x[r * C : (r + 1) * C]
+            xb = x[(r + 1) * C : (r + 2) * C]
+            xc = x[(r + 2) * C : (r + 3) * C]
+            xd = x[(r + 3) * C : (r + 4) * C]
+            for k in range(C):
+                s[k] += (xa[k] + xb[k]) + (xc[k] + xd[k])
+        for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             for k in range(C):
                 s[k] += xr[k]
         for k in range(C):
             sh[k] = s[k] / cnt
-        for r in range(r0, r1):
+        for r in range(r0, r4, 4):
+            xa = x[r * C : (r + 1) * C]
+            xb = x[(r + 1) * C : (r + 2) * C]
+            xc = x[(r + 2) * C : (r + 3) * C]
+            xd = x[(r + 3) * C : (r + 4) * C]
+            for k in range(C):
+                m = sh[k]
+                da = xa[k] - m
+                db = xb[k] - m
+                dc = xc[k] - m
+                dd = xd[k] - m
+                s1[k] += (da + db) + (dc + dd)
+                s2[k] += (da * da + db * db) + (dc * dc + dd * dd)
+        for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             for k in range(C):
                 d = xr[k] - sh[k]
@@ -501,6 +526,33 @@ def _cl_apply_block(x, y, res, C, rlo, rhi, scale, shift, relu):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _cl_apply_block_plain(x, y, C, rlo, rhi, scale, shift):
+    """y = x * scale + shift, four rows per step: scale and shift are loaded once per four."""
+    r4 = rlo + ((rhi - rlo) // 4) * 4
+    for r in range(rlo, r4, 4):
+        xa = x[r * C : (r + 1) * C]
+        xb = x[(r + 1) * C : (r + 2) * C]
+        xc = x[(r + 2) * C : (r + 3) * C]
+        xd = x[(r + 3) * C : (r + 4) * C]
+        ya = y[r * C : (r + 1) * C]
+        yb = y[(r + 1) * C : (r + 2) * C]
+        yc = y[(r + 2) * C : (r + 3) * C]
+        yd = y[(r + 3) * C : (r + 4) * C]
+        for k in range(C):
+            sc = scale[k]
+            sf = shift[k]
+            ya[k] = xa[k] * sc + sf
+            yb[k] = xb[k] * sc + sf
+            yc[k] = xc[k] * sc + sf
+            yd[k] = xd[k] * sc + sf
+    for r in range(r4, rhi):
+        xr = x[r * C : (r + 1) * C]
+        yr = y[r * C : (r + 1) * C]
+        for k in range(C):
+            yr[k] = xr[k] * scale[k] + shift[k]
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _cl_scale_shift(C, mean, invstd, w, b, scale, shift):
     for c in range(C):
         sc, sf = _scale_shift(c, mean, invstd, w, b)
@@ -526,8 +578,12 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
     if apply:
         ss = np.empty((2, C), x.dtype)
         _cl_scale_shift(C, mean, invstd, w, b, ss[0], ss[1])
+        plain = res.size == 0 and not relu
         for j in prange(nblocks):
-            _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
+            if plain:
+                _cl_apply_block_plain(x, y, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1])
+            else:
+                _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -548,14 +604,19 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
     if apply:
         ss = np.empty((2, C), x.dtype)
         _cl_scale_shift(C, mean, invstd, w, b, ss[0], ss[1])
+        plain = res.size == 0 and not relu
         for j in range(nblocks):
-            _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
+            if plain:
+                _cl_apply_block_plain(x, y, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1])
+            else:
+                _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy, s_dyxmu):
-    """Partial sum_dy and sum(dy * (x - mean)) of rows [rlo, rhi), float64 (C,)."""
-    R = max(1, CHUNK // C)
+    """Partial sum_dy and sum(dy * (x - mean)) of rows [rlo, rhi), float64 (C,): float32
+    (x's dtype) within chunks of CL_CHUNK values, four rows per step without a mask."""
+    R = max(4, CL_CHUNK // C)
     has_mask = mask.size > 0
     psum_dy[:] = 0.0
     psum_dyxmu[:] = 0.0
@@ -563,7 +624,23 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
         r1 = min(r0 + R, rhi)
         s_dy[:] = zero
         s_dyxmu[:] = zero
-        for r in range(r0, r1):
+        r4 = r0 if has_mask else r0 + ((r1 - r0) // 4) * 4
+        for r in range(r0, r4, 4):
+            xa = x[r * C : (r + 1) * C]
+            xb = x[(r + 1) * C : (r + 2) * C]
+            xc = x[(r + 2) * C : (r + 3) * C]
+            xd = x[(r + 3) * C : (r + 4) * C]
+            ga = dy[r * C : (r + 1) * C]
+            gb = dy[(r + 1) * C : (r + 2) * C]
+            gc = dy[(r + 2) * C : (r + 3) * C]
+            gd = dy[(r + 3) * C : (r + 4) * C]
+            for k in range(C):
+                mk = m[k]
+                s_dy[k] += (ga[k] + gb[k]) + (gc[k] + gd[k])
+                s_dyxmu[k] += (ga[k] * (xa[k] - mk) + gb[k] * (xb[k] - mk)) + (
+                    gc[k] * (xc[k] - mk) + gd[k] * (xd[k] - mk)
+                )
+        for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             dyr = dy[r * C : (r + 1) * C]
             if has_mask:
@@ -583,8 +660,23 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
 
 @njit(cache=True, fastmath=FASTMATH)
 def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kdy, kx, k0, training, zero):
+    """dx = kdy * dy + kx * x + k0 over rows [rlo, rhi); two rows per step without a mask."""
     has_mask = mask.size > 0
-    for r in range(rlo, rhi):
+    r2 = rlo if has_mask or not training else rlo + ((rhi - rlo) // 2) * 2
+    for r in range(rlo, r2, 2):
+        xa = x[r * C : (r + 1) * C]
+        xb = x[(r + 1) * C : (r + 2) * C]
+        ga = dy[r * C : (r + 1) * C]
+        gb = dy[(r + 1) * C : (r + 2) * C]
+        da = dx[r * C : (r + 1) * C]
+        db = dx[(r + 1) * C : (r + 2) * C]
+        for k in range(C):
+            a = kdy[k]
+            bx = kx[k]
+            c0 = k0[k]
+            da[k] = ga[k] * a + xa[k] * bx + c0
+            db[k] = gb[k] * a + xb[k] * bx + c0
+    for r in range(r2, rhi):
         xr = x[r * C : (r + 1) * C]
         dyr = dy[r * C : (r + 1) * C]
         dxr = dx[r * C : (r + 1) * C]
@@ -596,7 +688,7 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kdy, kx, k0, training, zero):
         elif training:
             for k in range(C):
                 dxr[k] = dyr[k] * kdy[k] + xr[k] * kx[k] + k0[k]
-        else:
+        else:  # eval: x plays no part (an inf in x must not turn dx into NaN)
             for k in range(C):
                 dxr[k] = dyr[k] * kdy[k]
 
