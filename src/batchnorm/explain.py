@@ -9,7 +9,7 @@ Example::
     >>> import torch
     >>> from batchnorm.explain import explain
     >>> e = explain(torch.randn(1, 2, 3, 3), momentum=1.0)
-    >>> e.n, round(e.var_unbiased[0] / e.var[0], 6)  # running_var is unbiased: 9/8
+    >>> e.n, round(float(e.var_unbiased[0] / e.var[0]), 6)  # running_var is unbiased: 9/8
     (9, 1.125)
 
 The input runs ``steps`` training steps, then the explained one (its output and the gradients
