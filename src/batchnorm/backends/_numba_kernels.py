@@ -36,6 +36,7 @@ CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for t
 # core on the machines we measured) between its first read and its last, leaving room for the
 # outputs streaming through.
 L2_BUDGET = 1 << 19
+CL_TILE = 2048  # values per channels-last tile: whole rows, T = max(1, CL_TILE // C) of them
 CL_CHUNK = 8192  # values per channels-last statistics chunk: 32 KiB of float32, in L1
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
@@ -415,16 +416,48 @@ def nchw_bwd_ser(
 #
 # Rows of C interleaved channels. A channel-wise fusion would need A * 64 bytes (one line of
 # 16 channels for every row) in cache, which ResNet-shaped NHWC tensors (A = N*H*W ~ 1e5)
-# overflow in L2; so rows are split into fixed blocks of ``rows_per_block(C)`` rows, each
-# block computes per-channel partial moments with long vectorised loops over C, the partials
-# merge in block order (fixed, so deterministic), then a second pass normalises. x is read
-# twice; tensors that fit L3 get the second read from there.
+# overflow in L2; so rows are split into fixed blocks, each block computes per-channel partial
+# moments, the partials merge in block order (fixed, so deterministic), then a second pass
+# normalises. x is read twice; tensors that fit L3 get the second read from there.
+#
+# Normalisation and dx loops run over *tiles*: T = max(1, CL_TILE // C) whole rows seen as
+# one flat run of T * C values, against per-channel vectors repeated T times (also T * C
+# long): one long vectorised loop per tile instead of T short ones keeps the per-loop costs
+# (alias checks, remainders) off small C. Reductions step four rows at a time instead, so
+# the (C,) accumulators are loaded and stored once per four rows (tiled accumulators would
+# cost a store per value).
+
+
+@njit(cache=True)
+def tile_rows(C):
+    return max(1, CL_TILE // C)
 
 
 @njit(cache=True)
 def rows_per_block(C):
-    """Rows of a channels-last work item: about CL_BLOCK_VALUES values, at least one row."""
-    return max(1, CL_BLOCK_VALUES // C)
+    """Rows of a channels-last work item: about CL_BLOCK_VALUES values, whole tiles."""
+    T = tile_rows(C)
+    return max(1, CL_BLOCK_VALUES // (T * C)) * T
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _tiled(v, C, t):
+    """t (T * C,) = v (C,) repeated T times."""
+    for j in range(t.size // C):
+        tj = t[j * C : (j + 1) * C]
+        for k in range(C):
+            tj[k] = v[k]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _fold(t, C, out, zero):
+    """out (C,) = sum over the T rows of the tile t (T * C,), in t's dtype."""
+    for k in range(C):
+        out[k] = zero
+    for j in range(t.size // C):
+        tj = t[j * C : (j + 1) * C]
+        for k in range(C):
+            out[k] += tj[k]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -502,62 +535,46 @@ def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _cl_apply_block(x, y, res, C, rlo, rhi, scale, shift, relu):
+def _cl_apply_block(x, y, res, C, rlo, rhi, sct, sft, relu):
+    """y = x * scale + shift (+ residual, relu) over rows [rlo, rhi); sct, sft: tiles."""
+    T = tile_rows(C)
     has_res = res.size > 0
-    for r in range(rlo, rhi):
-        xr = x[r * C : (r + 1) * C]
-        yr = y[r * C : (r + 1) * C]
+    for t0 in range(rlo, rhi, T):
+        lo = t0 * C
+        hi = min(t0 + T, rhi) * C
+        xs = x[lo:hi]
+        ys = y[lo:hi]
         if has_res:
-            rr = res[r * C : (r + 1) * C]
-            for k in range(C):
-                v = xr[k] * scale[k] + shift[k] + rr[k]
+            rs = res[lo:hi]
+            for i in range(hi - lo):
+                v = xs[i] * sct[i] + sft[i] + rs[i]
                 if relu and v < 0:
                     v = 0
-                yr[k] = v
+                ys[i] = v
         elif relu:
-            for k in range(C):
-                v = xr[k] * scale[k] + shift[k]
+            for i in range(hi - lo):
+                v = xs[i] * sct[i] + sft[i]
                 if v < 0:
                     v = 0
-                yr[k] = v
+                ys[i] = v
         else:
-            for k in range(C):
-                yr[k] = xr[k] * scale[k] + shift[k]
+            for i in range(hi - lo):
+                ys[i] = xs[i] * sct[i] + sft[i]
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _cl_apply_block_plain(x, y, C, rlo, rhi, scale, shift):
-    """y = x * scale + shift, four rows per step: scale and shift are loaded once per four."""
-    r4 = rlo + ((rhi - rlo) // 4) * 4
-    for r in range(rlo, r4, 4):
-        xa = x[r * C : (r + 1) * C]
-        xb = x[(r + 1) * C : (r + 2) * C]
-        xc = x[(r + 2) * C : (r + 3) * C]
-        xd = x[(r + 3) * C : (r + 4) * C]
-        ya = y[r * C : (r + 1) * C]
-        yb = y[(r + 1) * C : (r + 2) * C]
-        yc = y[(r + 2) * C : (r + 3) * C]
-        yd = y[(r + 3) * C : (r + 4) * C]
-        for k in range(C):
-            sc = scale[k]
-            sf = shift[k]
-            ya[k] = xa[k] * sc + sf
-            yb[k] = xb[k] * sc + sf
-            yc[k] = xc[k] * sc + sf
-            yd[k] = xd[k] * sc + sf
-    for r in range(r4, rhi):
-        xr = x[r * C : (r + 1) * C]
-        yr = y[r * C : (r + 1) * C]
-        for k in range(C):
-            yr[k] = xr[k] * scale[k] + shift[k]
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _cl_scale_shift(C, mean, invstd, w, b, scale, shift):
+def _cl_scale_shift_tiles(C, mean, invstd, w, b, dtype_like):
+    """(2, T * C) tiles of scale and shift in x's dtype."""
+    T = tile_rows(C)
+    v = np.empty((2, C), dtype_like.dtype)
     for c in range(C):
         sc, sf = _scale_shift(c, mean, invstd, w, b)
-        scale[c] = sc
-        shift[c] = sf
+        v[0, c] = sc
+        v[1, c] = sf
+    t = np.empty((2, T * C), dtype_like.dtype)
+    _tiled(v[0], C, t[0])
+    _tiled(v[1], C, t[1])
+    return t
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -576,14 +593,9 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
             )  # fmt: skip
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
     if apply:
-        ss = np.empty((2, C), x.dtype)
-        _cl_scale_shift(C, mean, invstd, w, b, ss[0], ss[1])
-        plain = res.size == 0 and not relu
+        t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         for j in prange(nblocks):
-            if plain:
-                _cl_apply_block_plain(x, y, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1])
-            else:
-                _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
+            _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -602,14 +614,9 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
             )  # fmt: skip
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
     if apply:
-        ss = np.empty((2, C), x.dtype)
-        _cl_scale_shift(C, mean, invstd, w, b, ss[0], ss[1])
-        plain = res.size == 0 and not relu
+        t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         for j in range(nblocks):
-            if plain:
-                _cl_apply_block_plain(x, y, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1])
-            else:
-                _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), ss[0], ss[1], relu)
+            _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -659,38 +666,28 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kdy, kx, k0, training, zero):
-    """dx = kdy * dy + kx * x + k0 over rows [rlo, rhi); two rows per step without a mask."""
+def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
+    """dx = kdy * dy + kx * x + k0 over rows [rlo, rhi); kt: (3, T * C) tiles of kdy, kx, k0."""
+    T = tile_rows(C)
     has_mask = mask.size > 0
-    r2 = rlo if has_mask or not training else rlo + ((rhi - rlo) // 2) * 2
-    for r in range(rlo, r2, 2):
-        xa = x[r * C : (r + 1) * C]
-        xb = x[(r + 1) * C : (r + 2) * C]
-        ga = dy[r * C : (r + 1) * C]
-        gb = dy[(r + 1) * C : (r + 2) * C]
-        da = dx[r * C : (r + 1) * C]
-        db = dx[(r + 1) * C : (r + 2) * C]
-        for k in range(C):
-            a = kdy[k]
-            bx = kx[k]
-            c0 = k0[k]
-            da[k] = ga[k] * a + xa[k] * bx + c0
-            db[k] = gb[k] * a + xb[k] * bx + c0
-    for r in range(r2, rhi):
-        xr = x[r * C : (r + 1) * C]
-        dyr = dy[r * C : (r + 1) * C]
-        dxr = dx[r * C : (r + 1) * C]
+    kdy, kx, k0 = kt[0], kt[1], kt[2]
+    for t0 in range(rlo, rhi, T):
+        lo = t0 * C
+        hi = min(t0 + T, rhi) * C
+        xs = x[lo:hi]
+        gs = dy[lo:hi]
+        ds = dx[lo:hi]
         if has_mask:
-            mr = mask[r * C : (r + 1) * C]
-            for k in range(C):
-                g = dyr[k] if mr[k] > 0 else zero
-                dxr[k] = g * kdy[k] + xr[k] * kx[k] + k0[k]
+            ms = mask[lo:hi]
+            for i in range(hi - lo):
+                g = gs[i] if ms[i] > 0 else zero
+                ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
         elif training:
-            for k in range(C):
-                dxr[k] = dyr[k] * kdy[k] + xr[k] * kx[k] + k0[k]
+            for i in range(hi - lo):
+                ds[i] = gs[i] * kdy[i] + xs[i] * kx[i] + k0[i]
         else:  # eval: x plays no part (an inf in x must not turn dx into NaN)
-            for k in range(C):
-                dxr[k] = dyr[k] * kdy[k]
+            for i in range(hi - lo):
+                ds[i] = gs[i] * kdy[i]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -706,9 +703,10 @@ def _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, kdy, kx, k0):
-    """dx = kdy * dy + kx * x + k0, per channel; from
+def _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, dtype_like):
+    """(3, T * C) tiles of kdy, kx, k0 in x's dtype with dx = kdy * dy + kx * x + k0, from
     dx = w * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n) (eval: w * invstd * dy)."""
+    v = np.empty((3, C), dtype_like.dtype)
     for c in range(C):
         a_dy = np.float64(invstd[c])
         if w.size > 0:
@@ -718,9 +716,13 @@ def _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, k
         if training:
             a_x = -a_dy * np.float64(invstd[c]) * np.float64(sum_dy_xhat[c]) / count
             a_0 = -a_dy * np.float64(sum_dy[c]) / count - np.float64(mean[c]) * a_x
-        kdy[c] = a_dy
-        kx[c] = a_x
-        k0[c] = a_0
+        v[0, c] = a_dy
+        v[1, c] = a_x
+        v[2, c] = a_0
+    t = np.empty((3, tile_rows(C) * C), dtype_like.dtype)
+    for q in range(3):
+        _tiled(v[q], C, t[q])
+    return t
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -730,9 +732,10 @@ def cl_bwd_par(
     zero = np.zeros(1, x.dtype)[0]
     RB = rows_per_block(C)
     nblocks = (A + RB - 1) // RB
-    m = np.empty(C, x.dtype)
-    m[:] = mean
     if sums:
+        m = np.empty(C, x.dtype)
+        for c in range(C):
+            m[c] = mean[c]
         psum_dy = np.empty((nblocks, C))
         psum_dyxmu = np.empty((nblocks, C))
         for j in prange(nblocks):
@@ -743,12 +746,9 @@ def cl_bwd_par(
             )  # fmt: skip
         _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat)
     if do_dx:
-        k = np.empty((3, C), x.dtype)
-        _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, k[0], k[1], k[2])
+        kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
         for j in prange(nblocks):
-            _cl_dx_block(
-                dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), k[0], k[1], k[2], training, zero
-            )
+            _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -758,9 +758,10 @@ def cl_bwd_ser(
     zero = np.zeros(1, x.dtype)[0]
     RB = rows_per_block(C)
     nblocks = (A + RB - 1) // RB
-    m = np.empty(C, x.dtype)
-    m[:] = mean
     if sums:
+        m = np.empty(C, x.dtype)
+        for c in range(C):
+            m[c] = mean[c]
         psum_dy = np.empty((nblocks, C))
         psum_dyxmu = np.empty((nblocks, C))
         sc = np.empty((2, C), x.dtype)
@@ -771,9 +772,6 @@ def cl_bwd_ser(
             )  # fmt: skip
         _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat)
     if do_dx:
-        k = np.empty((3, C), x.dtype)
-        _dx_coefficients(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, k[0], k[1], k[2])
+        kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
         for j in range(nblocks):
-            _cl_dx_block(
-                dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), k[0], k[1], k[2], training, zero
-            )
+            _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
