@@ -12,6 +12,7 @@ import functools
 import os
 import pickle
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -23,6 +24,11 @@ from batchnorm import SyncBatchNorm
 sys.path.insert(0, os.path.dirname(__file__))  # spawned processes import the worker by name
 import _sync_worker as W  # noqa: E402
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: each xdist worker spawns its own groups
+    fcntl = None
+
 WORLDS = (2, 3)
 # float64: one rounding of the merge (~1e-16) per value; float32: its own rounding
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -30,12 +36,31 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-
 
 @functools.cache
 def group_results(world: int) -> tuple[dict, ...]:
-    """Each rank's results; spawned once per world size per test process."""
-    results = W.run_group(world)
+    """Each rank's results; spawned once per world size and test run."""
+    results = _shared_between_xdist_workers(world)
     for rank, r in enumerate(results):
         if "crash" in r:
             pytest.fail(f"rank {rank} of {world} crashed:\n{r['crash']}")
     return tuple(results)
+
+
+def _shared_between_xdist_workers(world: int) -> list[dict]:
+    """Under pytest-xdist, the first worker to need a world size spawns it and leaves the
+    results in a file for the others (a spawn costs seconds on 2 cores; two at once, more)."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None or fcntl is None:
+        return W.run_group(world)
+    path = os.path.join(tempfile.gettempdir(), f"batchnorm-test-sync-{run_id}-{world}.pt")
+    # one lock for every world size: two groups at once would share the cores
+    lock_path = os.path.join(tempfile.gettempdir(), f"batchnorm-test-sync-{run_id}.lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.exists(path):
+            return torch.load(path)
+        results = W.run_group(world)
+        torch.save(results, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return results
 
 
 def close(actual, expected, dtype, what):
@@ -176,6 +201,13 @@ def test_layers_built_with_different_num_features_raise_everywhere(world):
     for e in errors:
         assert e["type"] == "ValueError"
         assert f"num_features by rank {expected}" in e["message"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_double_backward_raises_on_every_rank(world):
+    for r in group_results(world):
+        err = r["errors"]["double_backward"]
+        assert err["type"] == "RuntimeError" and "once_differentiable" in err["message"]
 
 
 @pytest.mark.parametrize("world", WORLDS)
