@@ -490,20 +490,19 @@ def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
                 s[k] += xr[k]
         for k in range(C):
             sh[k] = s[k] / cnt
-        for r in range(r0, r4, 4):
+        # two rows per step here: two stored accumulators against four row loads would need
+        # more runtime alias checks than LLVM's vectoriser allows (8), leaving it scalar
+        r2 = r0 + (cnt // 2) * 2
+        for r in range(r0, r2, 2):
             xa = x[r * C : (r + 1) * C]
             xb = x[(r + 1) * C : (r + 2) * C]
-            xc = x[(r + 2) * C : (r + 3) * C]
-            xd = x[(r + 3) * C : (r + 4) * C]
             for k in range(C):
                 m = sh[k]
                 da = xa[k] - m
                 db = xb[k] - m
-                dc = xc[k] - m
-                dd = xd[k] - m
-                s1[k] += (da + db) + (dc + dd)
-                s2[k] += (da * da + db * db) + (dc * dc + dd * dd)
-        for r in range(r4, r1):
+                s1[k] += da + db
+                s2[k] += da * da + db * db
+        for r in range(r2, r1):
             xr = x[r * C : (r + 1) * C]
             for k in range(C):
                 d = xr[k] - sh[k]
