@@ -176,17 +176,23 @@ def channels_per_block(A, C, B, itemsize, streams):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _nchw_fwd_block(
-    c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, sx
+    c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, sx, sd
 ):  # fmt: skip
     """Channels [c0, c1): two-pass statistics then normalisation, rows in memory order.
 
     For each sample a, the block's channels are one contiguous run of (c1 - c0) * B values,
     so the first pass streams from memory; the block fits L2, so the centred second pass and
-    the normalisation read it from there. sx: (3, >= c1 - c0) scratch in x's dtype."""
+    the normalisation read it from there. Scratch (allocated by the caller, once per call on
+    the serial path: tiny tensors are all overhead): sx (3, >= c1 - c0) in x's dtype, sd
+    (3, >= c1 - c0) float64."""
     nc = c1 - c0
     n = A * B
     if stats:
-        tot = np.zeros(nc)
+        tot, t1, t2 = sd[0], sd[1], sd[2]
+        for k in range(nc):
+            tot[k] = 0.0
+            t1[k] = 0.0
+            t2[k] = 0.0
         for a in range(A):
             for k in range(nc):
                 base = (a * C + c0 + k) * B
@@ -198,8 +204,6 @@ def _nchw_fwd_block(
                     tot[k] += s
         for k in range(nc):
             sx[0, k] = tot[k] / n  # a shift close to the mean, in x's dtype
-        t1 = np.zeros(nc)
-        t2 = np.zeros(nc)
         for a in range(A):
             for k in range(nc):
                 base = (a * C + c0 + k) * B
@@ -252,23 +256,21 @@ def _nchw_fwd_block(
 
 @njit(cache=True, fastmath=FASTMATH)
 def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply,
-                   relu, zero):  # fmt: skip
+                   relu, zero, sx, sd):  # fmt: skip
     c0 = j * cb
     c1 = min(C, c0 + cb)
     if A * B * x.itemsize > L2_BUDGET:
         # one channel overflows L2: chunked moments read it from memory once, normalisation
         # a second time (no blocked pass could do better)
-        acc = np.empty(2, x.dtype)
         for c in range(c0, c1):
             _nchw_fwd_channel(
                 c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
-                zero, acc,
+                zero, sx[0],
             )  # fmt: skip
     else:
-        sx = np.empty((3, c1 - c0), x.dtype)
         _nchw_fwd_block(
             c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
-            zero, sx,
+            zero, sx, sd,
         )  # fmt: skip
 
 
@@ -277,19 +279,25 @@ def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
     zero = np.zeros(1, x.dtype)[0]
     cb = channels_per_block(A, C, B, x.itemsize, 1)
     for j in prange((C + cb - 1) // cb):
+        sx = np.empty((3, max(cb, 2)), x.dtype)
+        sd = np.empty((3, cb))
         _nchw_fwd_item(
-            j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
-        )
+            j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
+            zero, sx, sd,
+        )  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
     cb = channels_per_block(A, C, B, x.itemsize, 1)
+    sx = np.empty((3, max(cb, 2)), x.dtype)
+    sd = np.empty((3, cb))
     for j in range((C + cb - 1) // cb):
         _nchw_fwd_item(
-            j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
-        )
+            j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
+            zero, sx, sd,
+        )  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -319,17 +327,19 @@ def _segment_grad_sums(dy, x, mask, C, B, c, a0, a1, lo, hi, m, zero):
 @njit(cache=True, fastmath=FASTMATH)
 def _nchw_bwd_block(
     c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
-    sums, do_dx, training, zero, sx,
+    sums, do_dx, training, zero, sx, sd,
 ):  # fmt: skip
     """sum_dy, sum_dy_xhat and/or dx of channels [c0, c1), rows in memory order: the sums
     stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it).
-    sx: (4, >= c1 - c0) scratch in x's dtype."""
+    Scratch: sx (4, >= c1 - c0) in x's dtype, sd (2, >= c1 - c0) float64."""
     nc = c1 - c0
     for k in range(nc):
         sx[0, k] = mean[c0 + k]
     if sums:
-        t_dy = np.zeros(nc)
-        t_dyxmu = np.zeros(nc)
+        t_dy, t_dyxmu = sd[0], sd[1]
+        for k in range(nc):
+            t_dy[k] = 0.0
+            t_dyxmu[k] = 0.0
         for a in range(A):
             for k in range(nc):
                 m = sx[0, k]
@@ -391,9 +401,10 @@ def nchw_bwd_par(
         c0 = j * cb
         c1 = min(C, c0 + cb)
         sx = np.empty((4, c1 - c0), x.dtype)
+        sd = np.empty((2, c1 - c0))
         _nchw_bwd_block(
             c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
-            sums, do_dx, training, zero, sx,
+            sums, do_dx, training, zero, sx, sd,
         )  # fmt: skip
 
 
@@ -404,11 +415,12 @@ def nchw_bwd_ser(
     zero = np.zeros(1, x.dtype)[0]
     cb = channels_per_block(A, C, B, x.itemsize, 2)
     sx = np.empty((4, cb), x.dtype)
+    sd = np.empty((2, cb))
     for j in range((C + cb - 1) // cb):
         c0 = j * cb
         _nchw_bwd_block(
             c0, min(C, c0 + cb), dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy,
-            sum_dy_xhat, count, sums, do_dx, training, zero, sx,
+            sum_dy_xhat, count, sums, do_dx, training, zero, sx, sd,
         )  # fmt: skip
 
 
