@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import glob
 import os
 import pickle
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -44,12 +46,23 @@ def group_results(world: int) -> tuple[dict, ...]:
     return tuple(results)
 
 
+def _remove_stale_results(max_age_s: float = 3600) -> None:
+    """Earlier runs' files (about 1 MB a run): nobody reads them after their run."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "batchnorm-test-sync-*")):
+        try:
+            if time.time() - os.path.getmtime(path) > max_age_s:
+                os.remove(path)
+        except OSError:  # another worker removed it first
+            pass
+
+
 def _shared_between_xdist_workers(world: int) -> list[dict]:
     """Under pytest-xdist, the first worker to need a world size spawns it and leaves the
     results in a file for the others (a spawn costs seconds on 2 cores; two at once, more)."""
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run_id is None or fcntl is None:
         return W.run_group(world)
+    _remove_stale_results()
     path = os.path.join(tempfile.gettempdir(), f"batchnorm-test-sync-{run_id}-{world}.pt")
     # one lock for every world size: two groups at once would share the cores
     lock_path = os.path.join(tempfile.gettempdir(), f"batchnorm-test-sync-{run_id}.lock")
@@ -69,7 +82,7 @@ def close(actual, expected, dtype, what):
     )
 
 
-def reference(case: dict, shards_seen: tuple[int, ...] | None = None) -> dict:
+def reference(case: dict) -> dict:
     """torch's BatchNorm over the whole batch (float64), the same two steps, then eval."""
     dtype, pd = case["dtype"], W.param_dtype(case["dtype"])
     ndim = 2 + len(W.SPATIAL[case["layout"]])
