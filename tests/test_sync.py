@@ -383,6 +383,8 @@ def test_convert_refuses_a_fused_activation():
 def test_copies_and_pickles():
     bn = SyncBatchNorm(3)
     bn(torch.randn(4, 3))
+    bn._agreed_on = (123, 2)  # as after the num_features check over some group
     for clone in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
         assert type(clone) is SyncBatchNorm and clone.process_group is None
+        assert clone._agreed_on is None, "a copy must compare num_features again"
         close(clone.running_mean, bn.running_mean, torch.float32, "copied running_mean")

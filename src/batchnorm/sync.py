@@ -148,8 +148,8 @@ class SyncBatchNorm(_OurBatchNorm):
 
     Example::
 
-        >>> bn = batchnorm.SyncBatchNorm(16)       # in each process of the group
-        >>> y = bn(x_shard)                        # normalised with the whole batch's mean, var
+        bn = batchnorm.SyncBatchNorm(16)   # in each process of the group
+        y = bn(x_shard)                    # normalised with the whole batch's mean and var
 
     Unlike torch's, it trains on CPU tensors (gloo) as well as on GPUs (NCCL), and checks that
     every rank sent a valid shard before anyone moves on. Outputs, ``grad_input``, running
@@ -189,6 +189,10 @@ class SyncBatchNorm(_OurBatchNorm):
         self.process_group = process_group
         # (id of the group, its size) once num_features has been compared over it
         self._agreed_on: tuple[int, int] | None = None
+
+    def __getstate__(self):
+        # a copy or an unpickled layer compares num_features again (the group may differ)
+        return {**super().__getstate__(), "_agreed_on": None}
 
     def __setstate__(self, state):
         super().__setstate__(state)
