@@ -242,6 +242,15 @@ def _text_line(r: Row, use_compile: bool) -> str:
     return line + ("  [page faults]" if r.page_faults else "")
 
 
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()  # known once a parallel kernel has run
+    except ValueError:
+        return f"{numba.config.THREADING_LAYER} (not started yet)"
+
+
 def machine() -> dict[str, str]:
     """Where the numbers come from."""
     cpu = platform.processor() or platform.machine()
@@ -259,7 +268,7 @@ def machine() -> dict[str, str]:
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
-        "numba threading layer": numba.config.THREADING_LAYER,
+        "numba threading layer": _threading_layer(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numba": numba.__version__,
@@ -362,6 +371,7 @@ def run(args) -> int:
     print("; ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     rows = measure(shapes, passes, layouts, repeat, args.backend, args.compile, dtype, log)
+    info = {**machine(), "load average at the start": info.get("load average (1, 5, 15 min)", "")}
     if args.out:
         md, path_csv = write_results(rows, Path(args.out), info, command, args.compile)
         print(f"wrote {md} and {path_csv}")

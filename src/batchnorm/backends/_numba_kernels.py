@@ -533,16 +533,31 @@ def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
-    """Merge the blocks' partial moments in block order; store mean, var, invstd."""
+    """Merge the blocks' partial moments in block order; store mean, var, invstd.
+
+    Total = within + between: m2 = sum_j (m2_j + n_j * (mean_j - mean)^2), with mean the
+    count-weighted mean of the block means. Loops run over C inside (vectorised) and no
+    division is spent per block: this runs serially, once per call."""
     nblocks = pmean.shape[0]
+    n = np.float64(A)
+    total = np.zeros(C)
+    for j in range(nblocks):
+        cnt = np.float64(min(A, (j + 1) * RB) - j * RB)
+        pj = pmean[j]
+        for c in range(C):
+            total[c] += cnt * pj[c]
     for c in range(C):
-        n = 0.0
-        m = 0.0
-        m2 = 0.0
-        for j in range(nblocks):
-            cnt = min(A, (j + 1) * RB) - j * RB
-            n, m, m2 = _merge(n, m, m2, cnt, pmean[j, c], pm2[j, c])
-        _finish_stats(c, n, m, m2, mean, var, invstd, eps_t)
+        total[c] /= n
+    m2 = np.zeros(C)
+    for j in range(nblocks):
+        cnt = np.float64(min(A, (j + 1) * RB) - j * RB)
+        pj = pmean[j]
+        qj = pm2[j]
+        for c in range(C):
+            d = pj[c] - total[c]
+            m2[c] += qj[c] + cnt * d * d
+    for c in range(C):
+        _finish_stats(c, n, total[c], m2[c], mean, var, invstd, eps_t)
 
 
 @njit(cache=True, fastmath=FASTMATH)
