@@ -71,7 +71,7 @@ class Row:
     compile_ms: float = math.nan
     compile_s: float = math.nan  # seconds spent compiling this row's function
     page_faults: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # min_<method>_ms: the fastest sample
 
     @property
     def speedup_torch(self) -> float:
@@ -122,8 +122,8 @@ def _make(shape, layout, dtype, seed=0):
     return x
 
 
-def _median_per_call(fns: dict, repeat: int, inner: int) -> dict[str, float]:
-    """Interleaved samples; median per-call seconds of each method."""
+def _per_call(fns: dict, repeat: int, inner: int) -> tuple[dict, dict]:
+    """Interleaved samples; (median, min) per-call seconds of each method."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
@@ -131,7 +131,8 @@ def _median_per_call(fns: dict, repeat: int, inner: int) -> dict[str, float]:
             for _ in range(inner):
                 f()
             samples[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return med, {k: min(v) for k, v in samples.items()}
 
 
 def _callables(shape, layout, pass_, backend, use_compile, dtype):
@@ -212,7 +213,7 @@ def measure(
                 fns["torch"]()
                 one = max(time.perf_counter() - t0, 1e-7)
                 inner = max(1, min(1000, int(SAMPLE_SECONDS / one)))
-                med = _median_per_call(fns, repeat, inner)
+                med, best = _per_call(fns, repeat, inner)
                 nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
                 row = Row(
                     shape="x".join(map(str, shape)),
@@ -225,6 +226,7 @@ def measure(
                     compile_ms=med.get("compile", math.nan) * 1e3,
                     compile_s=compile_s,
                     page_faults=nbytes > PAGE_FAULT_BYTES,
+                    extra={f"min_{k}_ms": v * 1e3 for k, v in best.items()},
                 )
                 rows.append(row)
                 log(_text_line(row, use_compile))
@@ -318,10 +320,12 @@ def write_results(rows, out: Path, info, command, use_compile) -> tuple[Path, Pa
     with path_csv.open("w", newline="") as f:
         w = csv.writer(f)
         fields = [k for k in asdict(rows[0]) if k != "extra"] if rows else []
-        w.writerow(fields + ["speedup_torch", "speedup_compile", "ours_over_copy"])
+        extras = sorted({k for r in rows for k in r.extra})
+        w.writerow(fields + ["speedup_torch", "speedup_compile", "ours_over_copy"] + extras)
         for r in rows:
             d = asdict(r)
-            w.writerow([d[k] for k in fields] + [r.speedup_torch, r.speedup_compile, r.ratio_copy])
+            derived = [r.speedup_torch, r.speedup_compile, r.ratio_copy]
+            w.writerow([d[k] for k in fields] + derived + [r.extra.get(k, "") for k in extras])
     return md, path_csv
 
 
