@@ -115,8 +115,10 @@ class BatchNormFunction(torch.autograd.Function):
 
         dy3 = like_canonical(dy, layout)  # (A, C, B)
         if ctx.relu and need_dres:
-            # the residual's gradient is dy through the relu: materialise it once
-            dy3 = torch.where(y3_mask > 0, dy3, torch.zeros_like(dy3))
+            # the residual's gradient is dy through the relu: materialise it once, with
+            # relu's own backward (one pass; torch.where(y > 0, dy, 0) took 5-10x as long
+            # on (32, 64, 56, 56) float32 and made the fused block slower than unfused)
+            dy3 = torch.ops.aten.threshold_backward(dy3, y3_mask, 0)
             y3_mask = None
         dx3, sum_dy, sum_dy_xhat = ctx.backend.backward(
             dy3, x3, mean, invstd, weight, ctx.training, need_dx, y3_mask
