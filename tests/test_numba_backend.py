@@ -153,8 +153,8 @@ def test_eval_normalize_and_backward(case, dtype):
 @pytest.mark.parametrize("dtype", NATIVE)
 @pytest.mark.parametrize("case", SHAPES, ids=_case_id)
 def test_split_functions_match_fused(case, dtype):
-    """batch_stats/normalize and grad_sums/grad_input (SyncBatchNorm's pieces) give the same
-    bytes as the fused kernels, which run the same per-channel code."""
+    """batch_stats and grad_sums/grad_input (SyncBatchNorm's pieces) give the same bytes as
+    the fused kernels, which run the same per-channel code; normalize agrees to rounding."""
     shape, cl = case
     x, dy = _inputs(shape, cl, dtype)
     weight, bias = _params(shape[1], dtype)
@@ -163,7 +163,9 @@ def test_split_functions_match_fused(case, dtype):
     y3, mean, var, invstd = nb.forward_train(x3, weight, bias, EPS)
     mean2, var2 = nb.batch_stats(x3)
     assert torch.equal(mean2, mean) and torch.equal(var2, var)
-    assert torch.equal(nb.normalize(x3, mean, invstd, weight, bias), y3)
+    # normalize streams in memory order (its own loop, so FMA contraction may differ in the
+    # last bit from the fused kernel's)
+    assert_close(nb.normalize(x3, mean, invstd, weight, bias), y3, dtype, "normalize vs fused")
 
     dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, mean, invstd, weight, True, True)
     s_dy, s_dy_xhat = nb.grad_sums(dy3, x3, mean, invstd)

@@ -38,6 +38,7 @@ CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for t
 L2_BUDGET = 1 << 19
 CL_TILE = 2048  # values per channels-last tile: whole rows, T = max(1, CL_TILE // C) of them
 CL_CHUNK = 8192  # values per channels-last statistics chunk: 32 KiB of float32, in L1
+EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
@@ -298,6 +299,63 @@ def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
             j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
             zero, sx, sd,
         )  # fmt: skip
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
+    """Runs [j * per_item, (j + 1) * per_item) of the A * C runs of B values, in memory order;
+    sct: (2, C) scale and shift in x's dtype."""
+    runs = y.size // B
+    has_res = res.size > 0
+    for q in range(j * per_item, min(runs, (j + 1) * per_item)):
+        c = q % C
+        scale = sct[0, c]
+        sh = sct[1, c]
+        xs = x[q * B : (q + 1) * B]
+        ys = y[q * B : (q + 1) * B]
+        if has_res:
+            rs = res[q * B : (q + 1) * B]
+            for i in range(B):
+                v = xs[i] * scale + sh + rs[i]
+                if relu and v < 0:
+                    v = 0
+                ys[i] = v
+        elif relu:
+            for i in range(B):
+                v = xs[i] * scale + sh
+                if v < 0:
+                    v = 0
+                ys[i] = v
+        else:
+            for i in range(B):
+                ys[i] = xs[i] * scale + sh
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _eval_setup(C, B, mean, invstd, w, b, x):
+    sct = np.empty((2, C), x.dtype)
+    for c in range(C):
+        sc, sf = _scale_shift(c, mean, invstd, w, b)
+        sct[0, c] = sc
+        sct[1, c] = sf
+    per_item = max(1, EVAL_VALUES // B)
+    return sct, per_item, (x.size // B + per_item - 1) // per_item
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def nchw_eval_par(x, y, res, C, B, mean, invstd, w, b, relu):
+    """Eval (given statistics): one streaming pass in memory order, no channel blocking
+    (nothing is re-read, so long sequential runs serve the prefetchers best)."""
+    sct, per_item, items = _eval_setup(C, B, mean, invstd, w, b, x)
+    for j in prange(items):
+        _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu):
+    sct, per_item, items = _eval_setup(C, B, mean, invstd, w, b, x)
+    for j in range(items):
+        _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu)
 
 
 @njit(cache=True, fastmath=FASTMATH)

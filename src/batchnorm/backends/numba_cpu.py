@@ -125,7 +125,10 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
             bool(relu),
         )
         par = _threads_for(x.size)
-        if B > 1:
+        if B > 1 and not stats:
+            kernel = K.nchw_eval_par if par else K.nchw_eval_ser
+            kernel(*args[:3], C, B, tail[0], tail[2], tail[3], tail[4], tail[8])
+        elif B > 1:
             (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail)
         else:
             (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail)
