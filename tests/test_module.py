@@ -126,7 +126,7 @@ def small_cnn(bn_dims=2):
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.BatchNorm2d(8),
-        nn.ReLU(),
+        nn.ReLU(inplace=True),  # as in torchvision's ResNets: modifies our output in place
         nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8, momentum=None), nn.ReLU()),
         nn.Flatten(),
         nn.Linear(8 * 4 * 4, 10),
@@ -212,3 +212,21 @@ def test_torch_convert_sync_batchnorm_finds_ours():
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert isinstance(converted[1], nn.SyncBatchNorm)
     assert isinstance(batchnorm.BatchNorm2d(3), _OurBatchNorm)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_op_on_output(backend, channels_last):
+    """An in-place op on our output (ReLU(inplace=True), +=) works and gives torch's grads."""
+    x = make_input((3, 4, 5, 5), channels_last=channels_last)
+    ref, ours = module_pair(4, 4, backend=backend)
+    grads = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.relu_()
+        y += 1.0
+        y.pow(2).sum().backward()
+        grads.append((xi.grad, m.weight.grad, m.bias.grad))
+    for a, b in zip(*grads):
+        assert_close(b, a, torch.float32, "grad", 75)

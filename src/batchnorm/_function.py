@@ -91,7 +91,11 @@ class BatchNormFunction(torch.autograd.Function):
         else:  # nothing for the running-statistics update
             out_mean = out_var = torch.empty(0, dtype=mean.dtype, device=x.device)
         ctx.mark_non_differentiable(out_mean, out_var)
-        return y, out_mean, out_var
+        # y is a view of y3 (the canonical layout); autograd forbids in-place changes to a view
+        # created inside a Function (nn.ReLU(inplace=True) after a batch norm, as in ResNets).
+        # detach() drops the view relation without a copy and keeps the version counter, so an
+        # in-place change to y is still caught if y3 was saved (the fused relu's mask).
+        return y.detach(), out_mean, out_var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
