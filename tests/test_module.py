@@ -217,15 +217,15 @@ def test_torch_convert_sync_batchnorm_finds_ours():
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_inplace_op_on_output(backend, channels_last):
-    """An in-place op on our output (ReLU(inplace=True), +=) works and gives torch's grads."""
+    """In-place ops on our output (+=, ReLU(inplace=True)) work and give torch's grads."""
     x = make_input((3, 4, 5, 5), channels_last=channels_last)
     ref, ours = module_pair(4, 4, backend=backend)
     grads = []
     for m in (ref, ours):
         xi = x.clone().requires_grad_()
         y = m(xi)
-        y.relu_()
         y += 1.0
+        y.relu_()
         y.pow(2).sum().backward()
         grads.append((xi.grad, m.weight.grad, m.bias.grad))
     for a, b in zip(*grads):
