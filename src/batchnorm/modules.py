@@ -58,7 +58,8 @@ class _OurBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        """``y = act(bn(input) [+ residual])``; ``residual`` only with ``activation``."""
+        """``y = act(bn(input) [+ residual])``: the residual is added before the activation
+        (if any); both are fused into the same pass on the numba backend."""
         self._check_input_dim(input)
         # The same decisions as torch's _BatchNorm.forward, but num_batches_tracked is
         # bumped inside batch_norm, after validation.
