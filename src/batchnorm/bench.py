@@ -57,6 +57,7 @@ SHAPES = (
 QUICK_SHAPES = ((8, 64, 56, 56), (32, 256, 14, 14), (16384, 64), (8, 32, 3, 3))
 PAGE_FAULT_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 SAMPLE_SECONDS = 2e-3
+WARM_SECONDS = 0.05
 
 
 @dataclass
@@ -194,7 +195,7 @@ def measure(
     shapes,
     passes=PASSES,
     layouts=LAYOUTS,
-    repeat: int = 7,
+    repeat: int = 15,
     backend: str = "numba",
     use_compile: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -207,8 +208,12 @@ def measure(
                 continue  # (N, C) and (N, C, L) have one layout; report it once
             for pass_ in passes:
                 fns, compile_s = _callables(shape, layout, pass_, backend, use_compile, dtype)
-                for f in fns.values():  # warm: first-call costs out of the samples
-                    f()
+                for f in fns.values():  # warm: first calls (allocator, thread pools) out of
+                    t0 = time.perf_counter()  # the samples, at least 3 calls and 50 ms each
+                    for i in range(1000):
+                        f()
+                        if i >= 2 and time.perf_counter() - t0 > WARM_SECONDS:
+                            break
                 t0 = time.perf_counter()
                 fns["torch"]()
                 one = max(time.perf_counter() - t0, 1e-7)
@@ -340,7 +345,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shapes", help="e.g. 8,64,112,112;65536,64 (default: ResNet-50 layers)")
     p.add_argument("--passes", default=",".join(PASSES), help="comma list of " + ", ".join(PASSES))
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of nchw, channels_last")
-    p.add_argument("--repeat", type=int, default=7, help="samples per method (median)")
+    p.add_argument("--repeat", type=int, default=15, help="samples per method (median)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (numba follows it)")
     p.add_argument("--backend", default="numba", choices=("numba", "torch", "auto"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
