@@ -26,8 +26,6 @@ run back to back while the data is in cache); eval one read and one write; backw
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 import torch
@@ -55,20 +53,15 @@ _pool_started = False
 
 
 def _start_pool() -> None:
-    """Start numba's thread pool on the ``workqueue`` layer, keeping torch's thread count.
+    """Start numba's thread pool, keeping torch's thread count.
 
-    Numba's default layer here is OpenMP, on the same libgomp as torch: its workers spin
-    after each parallel region, and torch's next small ops then stalled for whole scheduler
-    slices (``torch.sqrt`` of 256 values: 8 ms instead of 10 us on 2 cores). The workqueue
-    layer's threads sleep between kernels instead. Numba kernels hold the GIL, so two
-    launches never overlap (the workqueue layer forbids that). A layer the user chose
-    (``NUMBA_THREADING_LAYER``), or a pool some other numba code started first, is kept; in
-    that case starting an OpenMP pool may also have reset the calling thread's OpenMP thread
-    count (what torch.get_num_threads() reads), which is restored.
+    Numba's default threading layer here is OpenMP, on the same libgomp as torch: one pool of
+    worker threads serves both, taking turns (calls are sequential, never nested). Starting
+    numba's pool sets the calling thread's OpenMP thread count to NUMBA_NUM_THREADS, which is
+    what torch.get_num_threads() reads: restore it. (``NUMBA_THREADING_LAYER=workqueue``
+    trades speed on a quiet machine for steadiness on a crowded one: see the README.)
     """
     global _pool_started
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"  # no effect once a pool runs: harmless
     before = torch.get_num_threads()
     numba.get_num_threads()  # launches the pool
     if torch.get_num_threads() != before:
