@@ -40,6 +40,8 @@ CL_TILE = 2048  # values per channels-last tile: whole rows, T = max(1, CL_TILE 
 CL_CHUNK = 8192  # values per channels-last statistics chunk: 32 KiB of float32, in L1
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
+SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
+FLUSH_ROWS = 64  # rows summed per position in x's dtype before a float64 flush
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
 
@@ -256,6 +258,108 @@ def _nchw_fwd_block(
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _fold_rows(t, t64, L):
+    """t64 += t; t = 0 (float32 tile partials into float64, every FLUSH_ROWS rows)."""
+    for i in range(L):
+        t64[i] += t[i]
+        t[i] = 0
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_fwd_block_tiled(
+    c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
+):  # fmt: skip
+    """``_nchw_fwd_block`` for short runs (B < SMALL_B, e.g. 7x7 maps): for each sample the
+    block's channels are one contiguous run of (c1 - c0) * B values, handled as one flat loop
+    against per-position accumulators and per-channel scale/shift repeated B times (tiles).
+    Per position, values are summed over the rows in x's dtype, flushed to float64 every
+    FLUSH_ROWS rows; each channel then folds its B positions in float64. None of this depends
+    on the block size, so results do not either."""
+    nc = c1 - c0
+    L = nc * B
+    n = A * B
+    tiles = np.empty((3, L), x.dtype)
+    t64 = np.empty((3, L))
+    if stats:
+        acc = tiles[0]
+        acc[:] = zero
+        s64 = t64[0]
+        s64[:] = 0.0
+        for a in range(A):
+            xs = x[(a * C + c0) * B : (a * C + c0) * B + L]
+            for i in range(L):
+                acc[i] += xs[i]
+            if (a + 1) % FLUSH_ROWS == 0:
+                _fold_rows(acc, s64, L)
+        _fold_rows(acc, s64, L)
+        mt = tiles[1]
+        for k in range(nc):
+            tot = 0.0
+            for i in range(k * B, (k + 1) * B):
+                tot += s64[i]
+            mt[k * B] = tot / n  # the shift, in x's dtype
+            m = mt[k * B]
+            for i in range(k * B, (k + 1) * B):
+                mt[i] = m
+        a1, a2 = tiles[0], tiles[2]
+        a1[:] = zero
+        a2[:] = zero
+        q1, q2 = t64[1], t64[2]
+        q1[:] = 0.0
+        q2[:] = 0.0
+        for a in range(A):
+            xs = x[(a * C + c0) * B : (a * C + c0) * B + L]
+            for i in range(L):
+                d = xs[i] - mt[i]
+                a1[i] += d
+                a2[i] += d * d
+            if (a + 1) % FLUSH_ROWS == 0:
+                _fold_rows(a1, q1, L)
+                _fold_rows(a2, q2, L)
+        _fold_rows(a1, q1, L)
+        _fold_rows(a2, q2, L)
+        for k in range(nc):
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(k * B, (k + 1) * B):
+                s1 += q1[i]
+                s2 += q2[i]
+            mean64 = np.float64(mt[k * B]) + s1 / n
+            _finish_stats(c0 + k, n, mean64, s2 - s1 * s1 / n, mean, var, invstd, eps_t)
+    if not apply:
+        return
+    st, ht = tiles[0], tiles[1]
+    for k in range(nc):
+        sc, sf = _scale_shift(c0 + k, mean, invstd, w, b)
+        st[k * B] = sc
+        ht[k * B] = sf
+        for i in range(k * B + 1, (k + 1) * B):
+            st[i] = st[k * B]
+            ht[i] = ht[k * B]
+    has_res = res.size > 0
+    for a in range(A):
+        lo = (a * C + c0) * B
+        xs = x[lo : lo + L]
+        ys = y[lo : lo + L]
+        if has_res:
+            rs = res[lo : lo + L]
+            for i in range(L):
+                v = xs[i] * st[i] + ht[i] + rs[i]
+                if relu and v < 0:
+                    v = 0
+                ys[i] = v
+        elif relu:
+            for i in range(L):
+                v = xs[i] * st[i] + ht[i]
+                if v < 0:
+                    v = 0
+                ys[i] = v
+        else:
+            for i in range(L):
+                ys[i] = xs[i] * st[i] + ht[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply,
                    relu, zero, sx, sd):  # fmt: skip
     c0 = j * cb
@@ -268,6 +372,10 @@ def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, st
                 c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,
                 zero, sx[0],
             )  # fmt: skip
+    elif B < SMALL_B:
+        _nchw_fwd_block_tiled(
+            c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
+        )
     else:
         _nchw_fwd_block(
             c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu,

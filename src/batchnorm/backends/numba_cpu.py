@@ -127,7 +127,7 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
             bool(relu),
         )
         par = _threads_for(x.size)
-        if B > 1 and not stats:
+        if B >= K.SMALL_B and not stats:  # long runs: stream in memory order
             kernel = K.nchw_eval_par if par else K.nchw_eval_ser
             kernel(*args[:3], C, B, tail[0], tail[2], tail[3], tail[4], tail[8])
         elif B > 1:
