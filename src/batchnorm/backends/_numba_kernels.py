@@ -2,27 +2,32 @@
 
 Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
 
-* ``B > 1`` (NCHW): channel ``c`` is ``A`` runs of ``B`` contiguous values. One work item is
-  one channel; a thread computes its statistics and normalises it while the channel is still
-  in its cache: one read from memory and one write per element.
-* ``B == 1`` (channels-last, ``(N, C)``): rows of ``C`` interleaved channels. One work item is
-  a block of ``CL_BLOCK`` channels across all rows (one 64-byte line of float32 per row);
-  statistics and normalisation of the block run back to back on one thread.
+* ``B > 1`` (NCHW): channel ``c`` is ``A`` runs of ``B`` contiguous values. A work item is a
+  block of whole channels that fits ``L2_BUDGET``; for each sample the block is one contiguous
+  run, so the first pass streams from memory in order and the later passes (centred sums,
+  normalisation; or dx in backward) re-read the block from L2: one read from memory and one
+  write per element in forward-train, two reads and one write in backward. Short runs
+  (``B < SMALL_B``, e.g. 7x7 maps) use one flat loop per sample over the block against
+  per-position accumulators and repeated per-channel coefficients ("tiles"). A channel bigger
+  than the budget gets L1-sized chunks with a shifted two-pass each, merged with Chan's
+  update. Eval streams the tensor in memory order (nothing is re-read).
+* ``B == 1`` (channels-last, ``(N, C)``): rows of ``C`` interleaved channels. A work item is
+  a fixed block of rows; each block computes partial moments (or gradient sums) per channel,
+  the partials merge in block order, then a second pass normalises (or computes dx).
 
-Statistics: each chunk of at most ``CHUNK`` values (L1-resident) is summed once to get a
-shift ``m``, then ``sum(x - m)`` and ``sum((x - m)^2)`` are taken on the same chunk; the chunk's
-exact mean and centred sum of squares follow, and chunks are merged in float64 with Chan's
-pairwise update. So data far from zero (``1e4 + 0.1 * randn``) keeps its variance, while only
-the first touch of a chunk goes to memory.
+Statistics are two-pass (or shifted two-pass on L1-resident chunks) with accumulators in the
+input's dtype inside short runs and float64 across them, so data far from zero
+(``1e4 + 0.1 * randn``) keeps its variance; ``E[x^2] - E[x]^2`` is never used.
 
-Determinism: a work item is a fixed piece of the tensor (a channel, or a block of channels)
-whose values are produced by one thread in a fixed order. Threads only decide *which* items
-they run, so the bytes do not depend on the thread count. The serial (``_ser``) and parallel
-(``_par``) drivers call the same item functions; which one runs depends on the size only.
+Determinism: each per-channel result is a fixed function of the data (fixed runs, fixed
+accumulation order), whatever the blocking; blocks depend on the shape only; threads only
+decide *which* blocks they run. So the bytes do not depend on the thread count. The serial
+(``_ser``) and parallel (``_par``) drivers call the same block functions; which one runs
+depends on the size only.
 
-Every accumulator inside a chunk has the input's dtype (float32 or float64); merges across
-chunks are float64. ``fastmath`` allows reassociation and FMA (vectorised sums) but not
-``nnan``/``ninf``: NaN and inf in the input must reach the output as they do in torch.
+``fastmath`` allows reassociation and FMA (vectorised sums) but not ``nnan``/``ninf``: NaN and
+inf in the input must reach the output as they do in torch. Inner loops run over slices
+indexed from 0 (numba then proves the index non-negative and vectorises them).
 """
 
 from __future__ import annotations
