@@ -10,17 +10,19 @@ Example::
     True
 
 Same protocol, signatures and return conventions as ``backends/torch_ops.py`` (see
-``batchnorm.backends``). Memory traffic per element (float32): forward-train one read and one
-write (statistics and normalisation of a channel, or of a block of 16 channels-last channels,
-run back to back while the data is in cache); eval one read and one write; backward two reads
-(dy, x) and one write. The kernels live in ``_numba_kernels``.
+``batchnorm.backends``). Memory traffic per element (float32): NCHW forward-train one read
+and one write (the statistics and the normalisation of a block of channels run back to back
+while it is in L2), backward two reads and one write; channels-last forward-train two reads
+and one write, backward four reads and one write; eval one read and one write. The kernels
+live in ``_numba_kernels``.
 
 * dtypes: float32 and float64 run natively. float16 and bfloat16 (which numba cannot type) are
   converted to float32 with torch, run in float32, and the outputs converted back: float32
   accumulation and float32 statistics, at the cost of the conversion traffic.
 * Threads: the parallel kernels run on ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)``
-  numba threads, so ``torch.set_num_threads`` sets both pools and they never run at the same
-  time (the calls are sequential). Tensors under ``PARALLEL_MIN`` elements run serially.
+  numba threads, so ``torch.set_num_threads`` sets both; with numba's OpenMP layer the two
+  share torch's libgomp pool, taking turns. Tensors under ``PARALLEL_MIN`` elements run
+  serially.
 * Results are bitwise identical whatever the thread count (see ``_numba_kernels``).
 """
 
