@@ -562,6 +562,93 @@ def _nchw_bwd_block(
                     dxs[i] = dys[i] * kdy
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _nchw_bwd_block_tiled(
+    c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
+    sums, do_dx, training, zero,
+):  # fmt: skip
+    """``_nchw_bwd_block`` for short runs (B < SMALL_B): per sample, one flat loop over the
+    block's (c1 - c0) * B values against per-position accumulators (flushed to float64 every
+    FLUSH_ROWS rows, then folded per channel) and repeated per-channel coefficients."""
+    nc = c1 - c0
+    L = nc * B
+    has_mask = mask.size > 0
+    tiles = np.empty((4, L), x.dtype)
+    mt = tiles[0]
+    for k in range(nc):
+        mt[k * B] = mean[c0 + k]
+        for i in range(k * B + 1, (k + 1) * B):
+            mt[i] = mt[k * B]
+    if sums:
+        t_dy, t_dx = tiles[1], tiles[2]
+        t_dy[:] = zero
+        t_dx[:] = zero
+        q = np.zeros((2, L))
+        for a in range(A):
+            lo = (a * C + c0) * B
+            xs = x[lo : lo + L]
+            gs = dy[lo : lo + L]
+            if has_mask:
+                ms = mask[lo : lo + L]
+                for i in range(L):
+                    g = gs[i] if ms[i] > 0 else zero
+                    t_dy[i] += g
+                    t_dx[i] += g * (xs[i] - mt[i])
+            else:
+                for i in range(L):
+                    t_dy[i] += gs[i]
+                    t_dx[i] += gs[i] * (xs[i] - mt[i])
+            if (a + 1) % FLUSH_ROWS == 0:
+                _fold_rows(t_dy, q[0], L)
+                _fold_rows(t_dx, q[1], L)
+        _fold_rows(t_dy, q[0], L)
+        _fold_rows(t_dx, q[1], L)
+        for k in range(nc):
+            s_dy = 0.0
+            s_dx = 0.0
+            for i in range(k * B, (k + 1) * B):
+                s_dy += q[0, i]
+                s_dx += q[1, i]
+            sum_dy[c0 + k] = s_dy
+            sum_dy_xhat[c0 + k] = s_dx * np.float64(invstd[c0 + k])
+    if not do_dx:
+        return
+    kdy, kx, k0 = tiles[1], tiles[2], tiles[3]
+    for k in range(nc):
+        c = c0 + k
+        a_dy = np.float64(invstd[c])
+        if w.size > 0:
+            a_dy *= np.float64(w[c])
+        a_x = 0.0
+        a_0 = 0.0
+        if training:
+            a_x = -a_dy * np.float64(invstd[c]) * np.float64(sum_dy_xhat[c]) / count
+            a_0 = -a_dy * np.float64(sum_dy[c]) / count - np.float64(mean[c]) * a_x
+        kdy[k * B] = a_dy
+        kx[k * B] = a_x
+        k0[k * B] = a_0
+        for i in range(k * B + 1, (k + 1) * B):
+            kdy[i] = kdy[k * B]
+            kx[i] = kx[k * B]
+            k0[i] = k0[k * B]
+    for a in range(A):
+        lo = (a * C + c0) * B
+        xs = x[lo : lo + L]
+        gs = dy[lo : lo + L]
+        ds = dx[lo : lo + L]
+        if has_mask:
+            ms = mask[lo : lo + L]
+            for i in range(L):
+                g = gs[i] if ms[i] > 0 else zero
+                ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
+        elif training:
+            for i in range(L):
+                ds[i] = gs[i] * kdy[i] + xs[i] * kx[i] + k0[i]
+        else:  # eval: x plays no part (an inf in x must not turn dx into NaN)
+            for i in range(L):
+                ds[i] = gs[i] * kdy[i]
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def nchw_bwd_par(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
@@ -571,12 +658,18 @@ def nchw_bwd_par(
     for j in prange((C + cb - 1) // cb):
         c0 = j * cb
         c1 = min(C, c0 + cb)
-        sx = np.empty((4, c1 - c0), x.dtype)
-        sd = np.empty((2, c1 - c0))
-        _nchw_bwd_block(
-            c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
-            sums, do_dx, training, zero, sx, sd,
-        )  # fmt: skip
+        if B < SMALL_B:
+            _nchw_bwd_block_tiled(
+                c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat,
+                count, sums, do_dx, training, zero,
+            )  # fmt: skip
+        else:
+            sx = np.empty((4, c1 - c0), x.dtype)
+            sd = np.empty((2, c1 - c0))
+            _nchw_bwd_block(
+                c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat,
+                count, sums, do_dx, training, zero, sx, sd,
+            )  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -589,10 +682,16 @@ def nchw_bwd_ser(
     sd = np.empty((2, cb))
     for j in range((C + cb - 1) // cb):
         c0 = j * cb
-        _nchw_bwd_block(
-            c0, min(C, c0 + cb), dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy,
-            sum_dy_xhat, count, sums, do_dx, training, zero, sx, sd,
-        )  # fmt: skip
+        if B < SMALL_B:
+            _nchw_bwd_block_tiled(
+                c0, min(C, c0 + cb), dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy,
+                sum_dy_xhat, count, sums, do_dx, training, zero,
+            )  # fmt: skip
+        else:
+            _nchw_bwd_block(
+                c0, min(C, c0 + cb), dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy,
+                sum_dy_xhat, count, sums, do_dx, training, zero, sx, sd,
+            )  # fmt: skip
 
 
 # -------------------------------------------- channels-last (B == 1): blocks of rows
