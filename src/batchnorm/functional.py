@@ -78,8 +78,8 @@ def batch_norm(
 
     mean_in = invstd_in = None
     if not use_batch_stats:
-        mean_in = running_mean.detach().to(acc)
-        invstd_in = invstd_from_var(running_var.detach().to(acc), eps)
+        mean_in = _constant(running_mean, acc)
+        invstd_in = invstd_from_var(_constant(running_var, acc), eps)
 
     relu = activation == "relu"
     needs_grad = torch.is_grad_enabled() and any(
@@ -96,12 +96,18 @@ def batch_norm(
 
     if update:
         if num_batches_tracked is not None:
-            with torch.no_grad():
-                num_batches_tracked.add_(1)
+            num_batches_tracked.add_(1)  # an int64 buffer: never part of a graph
         factor = momentum_factor(momentum, num_batches_tracked)
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         update_running_stats(running_mean, running_var, mean, var, count, factor)
     return y
+
+
+def _constant(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a constant of ``dtype`` (no copy when it already is one)."""
+    if t.dtype == dtype and not t.requires_grad:
+        return t
+    return t.detach().to(dtype)
 
 
 def _validate(

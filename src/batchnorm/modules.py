@@ -62,23 +62,28 @@ class _OurBatchNorm(_BatchNorm):
         (if any); both are fused into the same pass on the numba backend."""
         self._check_input_dim(input)
         # The same decisions as torch's _BatchNorm.forward, but num_batches_tracked is
-        # bumped inside batch_norm, after validation.
+        # bumped inside batch_norm, after validation. (Buffers and parameters are read from
+        # their dicts: nn.Module.__getattr__ costs a microsecond each on tiny tensors.)
+        buffers, params = self._buffers, self._parameters
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         if self.training:
             use_batch_stats = True
         else:
-            use_batch_stats = self.running_mean is None and self.running_var is None
+            use_batch_stats = running_mean is None and running_var is None
         track = not self.training or self.track_running_stats
         return batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
+            running_mean if track else None,
+            running_var if track else None,
+            params["weight"],
+            params["bias"],
             use_batch_stats,
             self.momentum,
             self.eps,
             num_batches_tracked=(
-                self.num_batches_tracked if self.training and self.track_running_stats else None
+                buffers["num_batches_tracked"]
+                if self.training and self.track_running_stats
+                else None
             ),
             residual=residual,
             activation=self.activation,
