@@ -250,3 +250,15 @@ def test_parity_under_no_grad(momentum, channels_last, backend):
         y = ours(x)
         assert_close(y, ref(x), torch.float32, "eval output")
         assert not y.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_with_zero_variance_and_eps(backend):
+    """eps=0 is allowed in eval; a zero running_var then gives what torch gives (nan/inf)."""
+    x = make_input((2, 3, 2, 2))
+    rm, rv = torch.tensor([0.0, 0.5, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    import batchnorm.functional as BF
+
+    theirs = torch.nn.functional.batch_norm(x, rm, rv, None, None, False, 0.1, 0.0)
+    ours = BF.batch_norm(x, rm, rv, None, None, False, 0.1, 0.0, backend=backend)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)

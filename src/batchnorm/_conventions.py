@@ -31,7 +31,8 @@ def invstd_from_var(var: Tensor, eps: float) -> Tensor:
     dispatch per op (this runs on every eval call, tiny tensors included).
     """
     if _numpy_ok(var):
-        return torch.from_numpy(1.0 / np.sqrt(var.numpy() + eps))
+        with np.errstate(divide="ignore"):  # inf, as torch, for running_var + eps == 0
+            return torch.from_numpy(1.0 / np.sqrt(var.numpy() + eps))
     return 1.0 / torch.sqrt(var + eps)
 
 
