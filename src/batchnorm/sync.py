@@ -109,7 +109,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if x3.numel() == 0:  # an empty shard: nothing to normalise, but it joins backward
             return torch.empty_like(x)
         y3 = kernel.normalize(x3, mean, invstd, weight, bias)  # (A, C, B)
-        return layout.from_canonical(y3)
+        # detached: a view created inside a Function may not be modified in place, and
+        # ReLU(inplace=True) after the batch norm does exactly that (see _function.py)
+        return layout.from_canonical(y3).detach()
 
     @staticmethod
     @once_differentiable
