@@ -42,7 +42,9 @@ CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for t
 # outputs streaming through.
 L2_BUDGET = 1 << 19
 CL_TILE = 2048  # values per channels-last tile: whole rows, T = max(1, CL_TILE // C) of them
-CL_CHUNK = 8192  # values per channels-last statistics chunk: 32 KiB of float32, in L1
+CL_CHUNK = 8192  # values per channels-last gradient-sums chunk: 32 KiB of float32, in L1
+CL_FLUSH_ROWS = 64  # channels-last statistics: rows summed in x's dtype before a float64 flush
+CL_SHIFT_ROWS = 16  # channels-last statistics: rows whose mean is the block's shift
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
@@ -744,61 +746,60 @@ def _fold(t, C, out, zero):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
-    """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64; s..s2: (C,) scratch.
+    """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64, in ONE pass over the rows.
 
-    Chunks of CL_CHUNK values (L1) get the shifted two-pass treatment of the NCHW kernels,
-    four rows per step so the (C,) accumulators are loaded and stored once per four rows."""
-    R = max(4, CL_CHUNK // C)  # rows per L1-resident chunk
-    n = 0.0
-    pmean[:] = 0.0
-    pm2[:] = 0.0
-    for r0 in range(rlo, rhi, R):
-        r1 = min(r0 + R, rhi)
-        cnt = r1 - r0
-        r4 = r0 + (cnt // 4) * 4
-        s[:] = zero
-        s1[:] = zero
-        s2[:] = zero
+    Sums about a per-block shift m (the mean of the block's first CL_SHIFT_ROWS rows, a
+    second look at a few KiB): s1 = sum(x - m), s2 = sum((x - m)^2) in x's dtype over
+    CL_FLUSH_ROWS rows at a time, then added into float64 (pmean, pm2 double as those
+    float64 sums until the end). mean = m + S1 / n and m2 = S2 - S1^2 / n are exact up to
+    rounding whatever the offset of the data from zero, as long as m is within a few standard
+    deviations of the block's mean (the first rows of a block are). Four rows per step keep
+    the (C,) accumulators' loads and stores off the critical path (one load-add-store per four
+    values). s: (C,) scratch, unused (kept for the callers' scratch layout)."""
+    n0 = min(CL_SHIFT_ROWS, rhi - rlo)
+    for k in range(C):
+        sh[k] = zero
+    for r in range(rlo, rlo + n0):
+        xr = x[r * C : (r + 1) * C]
+        for k in range(C):
+            sh[k] += xr[k]
+    for k in range(C):
+        sh[k] = sh[k] / n0
+        pmean[k] = 0.0
+        pm2[k] = 0.0
+    for r0 in range(rlo, rhi, CL_FLUSH_ROWS):
+        r1 = min(r0 + CL_FLUSH_ROWS, rhi)
+        for k in range(C):
+            s1[k] = zero
+            s2[k] = zero
+        r4 = r0 + ((r1 - r0) // 4) * 4
         for r in range(r0, r4, 4):
             xa = x[r * C : (r + 1) * C]
             xb = x[(r + 1) * C : (r + 2) * C]
             xc = x[(r + 2) * C : (r + 3) * C]
             xd = x[(r + 3) * C : (r + 4) * C]
             for k in range(C):
-                s[k] += (xa[k] + xb[k]) + (xc[k] + xd[k])
-        for r in range(r4, r1):
-            xr = x[r * C : (r + 1) * C]
-            for k in range(C):
-                s[k] += xr[k]
-        for k in range(C):
-            sh[k] = s[k] / cnt
-        # two rows per step here: two stored accumulators against four row loads would need
-        # more runtime alias checks than LLVM's vectoriser allows (8), leaving it scalar
-        r2 = r0 + (cnt // 2) * 2
-        for r in range(r0, r2, 2):
-            xa = x[r * C : (r + 1) * C]
-            xb = x[(r + 1) * C : (r + 2) * C]
-            for k in range(C):
                 m = sh[k]
                 da = xa[k] - m
                 db = xb[k] - m
-                s1[k] += da + db
-                s2[k] += da * da + db * db
-        for r in range(r2, r1):
+                dc = xc[k] - m
+                dd = xd[k] - m
+                s1[k] += (da + db) + (dc + dd)
+                s2[k] += (da * da + db * db) + (dc * dc + dd * dd)
+        for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             for k in range(C):
                 d = xr[k] - sh[k]
                 s1[k] += d
                 s2[k] += d * d
-        n_new = n + cnt
-        f_mean = cnt / n_new
-        f_m2 = n * cnt / n_new
         for k in range(C):
-            s1d = np.float64(s1[k])
-            delta = np.float64(sh[k]) + s1d / cnt - pmean[k]
-            pmean[k] += delta * f_mean
-            pm2[k] += np.float64(s2[k]) - s1d * s1d / cnt + delta * delta * f_m2
-        n = n_new
+            pmean[k] += s1[k]
+            pm2[k] += s2[k]
+    cnt = rhi - rlo
+    for k in range(C):
+        t1 = pmean[k]
+        pmean[k] = np.float64(sh[k]) + t1 / cnt
+        pm2[k] = pm2[k] - t1 * t1 / cnt
 
 
 @njit(cache=True, fastmath=FASTMATH)
