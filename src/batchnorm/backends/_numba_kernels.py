@@ -48,6 +48,11 @@ CL_SHIFT_ROWS = 16  # channels-last statistics: rows whose mean is the block's s
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
+# Eval (given statistics) of NCHW runs shorter than this (e.g. 7x7 maps) goes through the tiled
+# block kernel with blocks of about EVAL_TILE values per sample: a block's x, y and its two
+# tiles then stay in L1 (16 KiB of float32 in all). Longer runs stream in memory order.
+EVAL_TILED_B = 64
+EVAL_TILE = 2048
 FLUSH_ROWS = 64  # rows summed per position in x's dtype before a float64 flush
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
@@ -286,8 +291,8 @@ def _nchw_fwd_block_tiled(
     L = nc * B
     n = A * B
     tiles = np.empty((3, L), x.dtype)
-    t64 = np.empty((3, L))
     if stats:
+        t64 = np.empty((3, L))
         acc = tiles[0]
         acc[:] = zero
         s64 = t64[0]
@@ -471,6 +476,33 @@ def nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu):
     sct, per_item, items = _eval_setup(C, B, mean, invstd, w, b, x)
     for j in range(items):
         _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def nchw_eval_tiled_par(x, y, res, A, C, B, mean, invstd, w, b, relu):
+    """Eval of short runs (B < EVAL_TILED_B): blocks of about EVAL_TILE // B channels, one
+    flat loop per sample over each block against tiled scale and shift (a loop of B values per
+    channel would spend most of its time outside the vector body)."""
+    zero = np.zeros(1, x.dtype)[0]
+    cb = max(1, EVAL_TILE // B)
+    for j in prange((C + cb - 1) // cb):
+        c0 = j * cb
+        _nchw_fwd_block_tiled(
+            c0, min(C, c0 + cb), x, y, res, A, C, B, mean, mean, invstd, w, b, zero, False,
+            True, relu, zero,
+        )  # fmt: skip
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu):
+    zero = np.zeros(1, x.dtype)[0]
+    cb = max(1, EVAL_TILE // B)
+    for j in range((C + cb - 1) // cb):
+        c0 = j * cb
+        _nchw_fwd_block_tiled(
+            c0, min(C, c0 + cb), x, y, res, A, C, B, mean, mean, invstd, w, b, zero, False,
+            True, relu, zero,
+        )  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)

@@ -129,9 +129,12 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
             bool(relu),
         )
         par = _threads_for(x.size)
-        if B >= K.SMALL_B and not stats:  # long runs: stream in memory order
+        if B >= K.EVAL_TILED_B and not stats:  # long runs: stream in memory order
             kernel = K.nchw_eval_par if par else K.nchw_eval_ser
             kernel(*args[:3], C, B, tail[0], tail[2], tail[3], tail[4], tail[8])
+        elif B > 1 and not stats:  # short runs: small channel blocks, one loop per sample
+            kernel = K.nchw_eval_tiled_par if par else K.nchw_eval_tiled_ser
+            kernel(*args, B, tail[0], tail[2], tail[3], tail[4], tail[8])
         elif B > 1:
             (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail)
         else:
