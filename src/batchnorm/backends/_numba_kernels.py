@@ -182,11 +182,15 @@ def _nchw_fwd_channel(
 
 
 @njit(cache=True)
-def channels_per_block(A, C, B, itemsize, streams):
+def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     """Channels per NCHW work item: as many whole channels as fit L2_BUDGET (``streams``
-    tensors of them: x, or x and dy), at most C / MIN_BLOCKS. Depends on the shape only."""
+    tensors of them: x, or x and dy), at most C / min_blocks: MIN_BLOCKS for load balance,
+    or 1 for the serial drivers of short runs (B < SMALL_B; tiny tensors), where more blocks
+    only cost per-block set-up. The tiled kernels of short runs give the same bytes whatever
+    the blocking (per-position sums, folded per channel); the long-run kernels were seen to
+    differ in the last bits between blockings, so they keep the parallel drivers' blocks."""
     cb = max(1, L2_BUDGET // max(1, A * B * itemsize * streams))
-    return max(1, min(cb, (C + MIN_BLOCKS - 1) // MIN_BLOCKS))
+    return max(1, min(cb, (C + min_blocks - 1) // min_blocks))
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -398,7 +402,7 @@ def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, st
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 1)
+    cb = channels_per_block(A, C, B, x.itemsize, 1, MIN_BLOCKS)
     for j in prange((C + cb - 1) // cb):
         sx = np.empty((3, max(cb, 2)), x.dtype)
         sd = np.empty((3, cb))
@@ -411,7 +415,7 @@ def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
 @njit(cache=True, fastmath=FASTMATH)
 def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 1)
+    cb = channels_per_block(A, C, B, x.itemsize, 1, 1 if B < SMALL_B else MIN_BLOCKS)
     sx = np.empty((3, max(cb, 2)), x.dtype)
     sd = np.empty((3, cb))
     for j in range((C + cb - 1) // cb):
@@ -688,7 +692,7 @@ def nchw_bwd_par(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 2)
+    cb = channels_per_block(A, C, B, x.itemsize, 2, MIN_BLOCKS)
     for j in prange((C + cb - 1) // cb):
         c0 = j * cb
         c1 = min(C, c0 + cb)
@@ -711,7 +715,7 @@ def nchw_bwd_ser(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 2)
+    cb = channels_per_block(A, C, B, x.itemsize, 2, 1 if B < SMALL_B else MIN_BLOCKS)
     sx = np.empty((4, cb), x.dtype)
     sd = np.empty((2, cb))
     for j in range((C + cb - 1) // cb):

@@ -86,59 +86,62 @@ def _threads_for(numel: int) -> bool:
 def _arr(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
     """A zero-copy flat NumPy view of ``t`` in ``acc`` (half types are converted: numba has no
     float16/bfloat16), or an empty array standing for "absent". Cheap checks first: this
-    runs several times per call, and tiny tensors are all overhead."""
+    runs several times per call, and tiny tensors are all overhead (``numpy(force=True)``
+    detaches in C++, cheaper than ``detach().numpy()``)."""
     if t is None:
         return _EMPTY[acc]
-    if t.requires_grad:
-        t = t.detach()
     if t.dtype != acc:
         t = t.to(acc)
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.numpy().reshape(-1)
+    if t.dim() == 1:
+        return t.numpy(force=True)
+    return t.numpy(force=True).reshape(-1)
 
 
 def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
-    """Shared driver of normalize / forward_train. Returns (y3, mean, var, invstd)."""
+    """Shared driver of normalize / forward_train. Returns (y3, mean, var, invstd); mean,
+    var and invstd only with ``stats`` (None otherwise: normalize returns y3 alone)."""
     dtype = x3.dtype
     A, C, B = x3.shape
     acc = acc_dtype(dtype)
     x = _arr(x3, acc)  # (A * C * B,)
+    y3 = torch.empty((A, C, B), dtype=acc)
     if stats:
         mean = torch.empty(C, dtype=acc)
         var = torch.empty(C, dtype=acc)
         invstd = torch.empty(C, dtype=acc)
-        var_np = var.numpy()
+        mean_np, var_np, invstd_np = mean.numpy(), var.numpy(), invstd.numpy()
     else:
-        mean = mean.detach().to(acc).contiguous()
-        invstd = invstd.detach().to(acc).contiguous()
-        var = None
-        var_np = _EMPTY[acc]
-    y3 = torch.empty((A, C, B), dtype=acc)
+        mean_np, var_np, invstd_np = _arr(mean, acc), _EMPTY[acc], _arr(invstd, acc)
+        mean = var = invstd = None
     if x.size > 0:
-        args = (x, y3.numpy().reshape(-1), _arr(residual3, acc), A, C)
-        tail = (
-            mean.numpy(),
-            var_np,
-            invstd.numpy(),
-            _arr(weight, acc),
-            _arr(bias, acc),
-            _NP_SCALAR[acc](eps),
-            stats,
-            True,
-            bool(relu),
-        )
+        y = y3.numpy().reshape(-1)
+        res = _arr(residual3, acc)
+        w = _arr(weight, acc)
+        b = _arr(bias, acc)
+        relu = bool(relu)
         par = _threads_for(x.size)
-        if B >= K.EVAL_TILED_B and not stats:  # long runs: stream in memory order
+        if stats:
+            eps_t = _NP_SCALAR[acc](eps)
+            if B > 1:
+                kernel = K.nchw_fwd_par if par else K.nchw_fwd_ser
+                kernel(x, y, res, A, C, B, mean_np, var_np, invstd_np, w, b, eps_t, True,
+                       True, relu)  # fmt: skip
+            else:
+                kernel = K.cl_fwd_par if par else K.cl_fwd_ser
+                kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, eps_t, True, True,
+                       relu)  # fmt: skip
+        elif B >= K.EVAL_TILED_B:  # long runs: stream in memory order
             kernel = K.nchw_eval_par if par else K.nchw_eval_ser
-            kernel(*args[:3], C, B, tail[0], tail[2], tail[3], tail[4], tail[8])
-        elif B > 1 and not stats:  # short runs: small channel blocks, one loop per sample
+            kernel(x, y, res, C, B, mean_np, invstd_np, w, b, relu)
+        elif B > 1:  # short runs: small channel blocks, one loop per sample
             kernel = K.nchw_eval_tiled_par if par else K.nchw_eval_tiled_ser
-            kernel(*args, B, tail[0], tail[2], tail[3], tail[4], tail[8])
-        elif B > 1:
-            (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail)
+            kernel(x, y, res, A, C, B, mean_np, invstd_np, w, b, relu)
         else:
-            (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail)
+            kernel = K.cl_fwd_par if par else K.cl_fwd_ser
+            kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, _NP_SCALAR[acc](0.0),
+                   False, True, relu)  # fmt: skip
     elif stats:  # an empty batch: no values, statistics as of var = 0
         mean.zero_()
         var.zero_()
@@ -201,6 +204,8 @@ def forward_train(
 
 def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, training, y3_mask,
               sums, do_dx):  # fmt: skip
+    """Shared driver of grad_sums / grad_input / backward: (dx3 or None, sum_dy, sum_dy_xhat);
+    the sums are new tensors with ``sums``, else the given ones (as NumPy views)."""
     dtype = x3.dtype
     A, C, B = x3.shape
     acc = acc_dtype(dtype)
@@ -208,35 +213,24 @@ def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, trainin
     if sums:
         sum_dy = torch.zeros(C, dtype=acc)
         sum_dy_xhat = torch.zeros(C, dtype=acc)
+        sum_dy_np, sum_dy_xhat_np = sum_dy.numpy(), sum_dy_xhat.numpy()
     else:
-        sum_dy = sum_dy.detach().to(acc).contiguous()
-        sum_dy_xhat = sum_dy_xhat.detach().to(acc).contiguous()
+        sum_dy_np, sum_dy_xhat_np = _arr(sum_dy, acc), _arr(sum_dy_xhat, acc)
     dx3 = torch.empty((A, C, B), dtype=acc) if do_dx else None
     if x.size > 0:
-        args = (
-            _arr(dy3, acc),
-            x,
-            _arr(y3_mask, acc),
-            dx3.numpy().reshape(-1) if do_dx else _EMPTY[acc],
-            A,
-            C,
-        )
-        tail = (
-            _arr(mean, acc),
-            _arr(invstd, acc),
-            _arr(weight, acc),
-            sum_dy.numpy(),
-            sum_dy_xhat.numpy(),
-            float(count),
-            sums,
-            do_dx,
-            bool(training),
-        )
+        dy = _arr(dy3, acc)
+        mask = _arr(y3_mask, acc)
+        dx = dx3.numpy().reshape(-1) if do_dx else _EMPTY[acc]
+        mean_np, invstd_np, w = _arr(mean, acc), _arr(invstd, acc), _arr(weight, acc)
         par = _threads_for(x.size)
         if B > 1:
-            (K.nchw_bwd_par if par else K.nchw_bwd_ser)(*args, B, *tail)
+            kernel = K.nchw_bwd_par if par else K.nchw_bwd_ser
+            kernel(dy, x, mask, dx, A, C, B, mean_np, invstd_np, w, sum_dy_np, sum_dy_xhat_np,
+                   float(count), sums, do_dx, bool(training))  # fmt: skip
         else:
-            (K.cl_bwd_par if par else K.cl_bwd_ser)(*args, *tail)
+            kernel = K.cl_bwd_par if par else K.cl_bwd_ser
+            kernel(dy, x, mask, dx, A, C, mean_np, invstd_np, w, sum_dy_np, sum_dy_xhat_np,
+                   float(count), sums, do_dx, bool(training))  # fmt: skip
     if dx3 is not None and acc != dtype:
         dx3 = dx3.to(dtype)
     return dx3, sum_dy, sum_dy_xhat
