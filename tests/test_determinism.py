@@ -12,6 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm.backends import numba_cpu as nb
 
 SCRIPT = r"""
 import hashlib, json, sys
@@ -79,3 +86,61 @@ def test_one_and_two_threads_give_identical_bytes():
     assert one["digests"].keys() == two["digests"].keys()
     differing = [k for k in one["digests"] if one["digests"][k] != two["digests"][k]]
     assert not differing, f"outputs differ between 1 and 2 threads for {differing}"
+
+
+# --- the split functions (SyncBatchNorm's path) on examples/ddp_cpu.py's shapes -------------
+#
+# A report of non-reproducible DDP runs (examples/ddp_cpu.py) suspected uninitialised scratch
+# or per-thread thread-count state. These pin both down for the split functions: outputs must
+# not depend on what the memory held before, nor on the Python thread that calls them.
+
+# (A, C, B): the example's two batch norms on a rank's shard of 32 and in eval on 500 (NCHW),
+# the first above numba_cpu.PARALLEL_MIN; and channels-last views (B == 1), serial and parallel.
+SPLIT_SHAPES = [(32, 16, 144), (32, 32, 25), (500, 16, 144), (4608, 16, 1), (800, 32, 1)]
+
+
+def _split_outputs(shape) -> list[bytes]:
+    A, C, B = shape
+    g = torch.Generator().manual_seed(5)
+    x3 = torch.randn(shape, generator=g) * 3 + 1
+    dy3 = torch.randn(shape, generator=g)
+    w = torch.rand(C, generator=g) + 0.5
+    b = torch.randn(C, generator=g)
+    mean, var = nb.batch_stats(x3)
+    invstd = 1 / torch.sqrt(var + 1e-5)
+    y3 = nb.normalize(x3, mean, invstd, w, b)
+    sum_dy, sum_dy_xhat = nb.grad_sums(dy3, x3, mean, invstd)
+    dx3 = nb.grad_input(dy3, x3, mean, invstd, w, sum_dy, sum_dy_xhat, A * B, True)
+    return [t.contiguous().view(torch.uint8).numpy().tobytes()
+            for t in (mean, var, y3, sum_dy, sum_dy_xhat, dx3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+def test_split_functions_ignore_leftover_memory(shape, monkeypatch):
+    clean = _split_outputs(shape)
+    # every new float tensor (our outputs) starts as NaN, and the heap that numba's scratch
+    # comes from is full of freed NaN blocks: a value read before it is written would show
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    for n in (64, 1024, 4096, 65536, 300_000):
+        blocks = [np.full(n, np.nan, np.float32) for _ in range(4)]
+        blocks += [np.full(n, np.nan, np.float64) for _ in range(4)]
+        del blocks
+    assert _split_outputs(shape) == clean
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES[:3], ids=str)
+def test_split_functions_give_the_same_bytes_on_another_thread(shape):
+    # autograd and DDP hooks may call the kernels from threads where torch's and numba's
+    # thread counts were never set; the bytes must not change
+    main = _split_outputs(shape)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(other=_split_outputs(shape)))
+    t.start()
+    t.join()
+    assert out["other"] == main

@@ -383,6 +383,9 @@ def run(args) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads: expected a count >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        # checked before the minutes of measuring, not after
+        raise UsageError(f"--out: expected a folder, but {args.out} is a file")
     if shapes is None:
         shapes = QUICK_SHAPES if args.quick else SHAPES
     repeat = min(args.repeat, 3) if args.quick else args.repeat
@@ -396,6 +399,9 @@ def run(args) -> int:
     rows = measure(shapes, passes, layouts, repeat, args.backend, args.compile, dtype, log)
     info = {**machine(), "load average at the start": info.get("load average (1, 5, 15 min)", "")}
     if args.out:
-        md, path_csv = write_results(rows, Path(args.out), info, command, args.compile)
+        try:
+            md, path_csv = write_results(rows, Path(args.out), info, command, args.compile)
+        except OSError as e:
+            raise UsageError(f"--out: cannot write the results to {args.out}: {e}") from None
         print(f"wrote {md} and {path_csv}")
     return 0

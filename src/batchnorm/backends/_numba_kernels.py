@@ -927,7 +927,10 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
     if apply:
         t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
-        for j in prange(nblocks):
+        for i in prange(nblocks):
+            # blocks in reverse order after the statistics pass: each thread starts on the
+            # rows read last, which may still be in L3 (tensors of up to ~16 MiB gain ~10%)
+            j = nblocks - 1 - i if stats else i
             _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
 
@@ -1080,7 +1083,8 @@ def cl_bwd_par(
         _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat)
     if do_dx:
         kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
-        for j in prange(nblocks):
+        for i in prange(nblocks):
+            j = nblocks - 1 - i if sums else i  # the rows read last first (see cl_fwd_par)
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
 
 
