@@ -45,6 +45,7 @@ CL_TILE = 2048  # values per channels-last tile: whole rows, T = max(1, CL_TILE 
 CL_CHUNK = 8192  # values per channels-last gradient-sums chunk: 32 KiB of float32, in L1
 CL_FLUSH_ROWS = 64  # channels-last statistics: rows summed in x's dtype before a float64 flush
 CL_SHIFT_ROWS = 16  # channels-last statistics: rows whose mean is the block's shift
+L3_REUSE_BYTES = 16 << 20  # channels-last: tensors up to this size re-read backwards (L3)
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
@@ -929,8 +930,10 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
         t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         for i in prange(nblocks):
             # blocks in reverse order after the statistics pass: each thread starts on the
-            # rows read last, which may still be in L3 (tensors of up to ~16 MiB gain ~10%)
-            j = nblocks - 1 - i if stats else i
+            # rows read last, which may still be in L3 (a 16 MiB tensor gained ~10%); not for
+            # bigger ones, where nothing is left in L3 and fresh output pages (mmap) were seen
+            # to fault in more slowly backwards
+            j = nblocks - 1 - i if stats and x.size * x.itemsize <= L3_REUSE_BYTES else i
             _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
 
@@ -1084,7 +1087,8 @@ def cl_bwd_par(
     if do_dx:
         kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
         for i in prange(nblocks):
-            j = nblocks - 1 - i if sums else i  # the rows read last first (see cl_fwd_par)
+            # the rows read last first, for tensors that may still be in L3 (see cl_fwd_par)
+            j = nblocks - 1 - i if sums and x.size * x.itemsize <= L3_REUSE_BYTES else i
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
 
 
