@@ -930,9 +930,8 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
         t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         for i in prange(nblocks):
             # blocks in reverse order after the statistics pass: each thread starts on the
-            # rows read last, which may still be in L3 (a 16 MiB tensor gained ~10%); not for
-            # bigger ones, where nothing is left in L3 and fresh output pages (mmap) were seen
-            # to fault in more slowly backwards
+            # rows read last, which may still be in L3 (a 16 MiB tensor gained ~10%); bigger
+            # ones keep memory order (nothing of them is left in L3)
             j = nblocks - 1 - i if stats and x.size * x.itemsize <= L3_REUSE_BYTES else i
             _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
