@@ -12,12 +12,17 @@ Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
   than the budget gets L1-sized chunks with a shifted two-pass each, merged with Chan's
   update. Eval streams the tensor in memory order (nothing is re-read).
 * ``B == 1`` (channels-last, ``(N, C)``): rows of ``C`` interleaved channels. A work item is
-  a fixed block of rows; each block computes partial moments (or gradient sums) per channel,
-  the partials merge in block order, then a second pass normalises (or computes dx).
+  a fixed block of rows; each block computes partial moments (in one pass, sums about a
+  per-block shift) or gradient sums per channel, the partials merge in block order, then a
+  second pass normalises (or computes dx), blocks in reverse order for tensors that may still
+  be in L3.
+* Eval streams the tensor in memory order (long runs) or goes through small tiled channel
+  blocks (short runs, ``B < EVAL_TILED_B``).
 
-Statistics are two-pass (or shifted two-pass on L1-resident chunks) with accumulators in the
-input's dtype inside short runs and float64 across them, so data far from zero
-(``1e4 + 0.1 * randn``) keeps its variance; ``E[x^2] - E[x]^2`` is never used.
+Statistics are two-pass or shifted (sums of x - m and (x - m)^2 about a shift m close to the
+mean: the chunk's or block's own mean, or for channels-last the mean of a block's first rows)
+with accumulators in the input's dtype inside short runs and float64 across them, so data far
+from zero (``1e4 + 0.1 * randn``) keeps its variance; ``E[x^2] - E[x]^2`` is never used.
 
 Determinism: each per-channel result is a fixed function of the data (fixed runs, fixed
 accumulation order), whatever the blocking; blocks depend on the shape only; threads only
