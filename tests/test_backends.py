@@ -45,3 +45,25 @@ def test_module_forward_uses_the_chosen_backend(monkeypatch):
     assert calls == ["numba"]
     batchnorm.BatchNorm2d(3, backend="torch")(x)
     assert calls == ["numba"]
+
+
+def test_numba_import_failure_is_decided_once_and_warned(monkeypatch):
+    """If the numba backend fails to import, "auto" warns and stays on torch for the whole
+    process (it must not flip to numba later, midway through a run)."""
+    monkeypatch.setattr(backends, "_numba_ok", None)
+    monkeypatch.setattr(backends, "_loaded", {"torch": backends.load("torch")})
+    real_import = backends.importlib.import_module
+    calls = []
+
+    def failing_import(name):
+        calls.append(name)
+        if name.endswith("numba_cpu") and len(calls) == 1:
+            raise ImportError("simulated: file being edited")
+        return real_import(name)
+
+    monkeypatch.setattr(backends.importlib, "import_module", failing_import)
+    x = torch.zeros(2, 3)
+    with pytest.warns(RuntimeWarning, match="could not be imported"):
+        assert backends.select("auto", x).name == "torch"
+    assert backends.select("auto", x).name == "torch"  # the import would work now: not retried
+    assert calls == ["batchnorm.backends.numba_cpu"]

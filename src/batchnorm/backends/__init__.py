@@ -24,6 +24,7 @@ Names: ``"torch"`` (portable, any device), ``"numba"`` (fused CPU kernels), ``"a
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 from torch import Tensor
@@ -46,12 +47,26 @@ def load(name: str) -> ModuleType:
     return _loaded[name]
 
 
+_numba_ok: bool | None = None  # decided once per process
+
+
 def numba_available() -> bool:
-    try:
-        load("numba")
-    except ImportError:
-        return False
-    return True
+    """Whether the numba backend imports; decided once per process, so "auto" cannot switch
+    backends midway through a run (ranks of one job should agree: a failure warns)."""
+    global _numba_ok
+    if _numba_ok is None:
+        try:
+            load("numba")
+            _numba_ok = True
+        except ImportError as e:
+            _numba_ok = False
+            warnings.warn(
+                f"batchnorm: the numba backend could not be imported ({e}); backend='auto' "
+                "uses the portable torch backend in this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _numba_ok
 
 
 def select(backend: str, x: Tensor) -> ModuleType:
