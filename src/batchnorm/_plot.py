@@ -111,7 +111,7 @@ def demo_figure(
     title: str,
 ) -> None:
     """Both training-loss curves in one panel; below, on a log axis, |ours - torch| beside
-    |control - torch| (torch's own sensitivity to a one-ulp change in the initial weights)."""
+    |control - torch| (torch against its own channels-last kernels: rounding-level drift)."""
     fig = _figure(figsize=(9, 7), dpi=110, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1.3))
     a, b = np.asarray(loss["torch"]), np.asarray(loss["ours"])
@@ -124,7 +124,7 @@ def demo_figure(
     floor = 1e-9  # an exactly equal step has difference 0, which a log axis cannot show
     if "control" in loss:
         dc = np.abs(np.asarray(loss["control"]) - a)
-        control = "torch vs torch with one ulp changed in the initial weights"
+        control = "torch vs torch in channels_last (other kernels)"
         bottom.semilogy(step, np.maximum(dc, floor), color="grey", lw=1, alpha=0.8, label=control)
     d = np.maximum(np.abs(a - b), floor)
     bottom.semilogy(step, d, color="#d62728", lw=1, label="batchnorm vs torch")
