@@ -150,6 +150,28 @@ def _scale_shift(c, mean, invstd, w, b):
 # ---------------------------------------------------------------- NCHW (B > 1): one channel
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _normalize_run(xs, ys, rs, scale, sh, relu):
+    """``ys = xs * scale + sh (+ rs)``, then the relu: one contiguous run of one channel.
+    ``rs`` is empty without a residual. The branches sit outside the loops, so each loop
+    stays a plain streaming loop that vectorises."""
+    if rs.size > 0:
+        for i in range(xs.size):
+            v = xs[i] * scale + sh + rs[i]
+            if relu and v < 0:
+                v = 0
+            ys[i] = v
+    elif relu:
+        for i in range(xs.size):
+            v = xs[i] * scale + sh
+            if v < 0:
+                v = 0
+            ys[i] = v
+    else:
+        for i in range(xs.size):
+            ys[i] = xs[i] * scale + sh
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _nchw_fwd_channel(
     c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
@@ -164,27 +186,11 @@ def _nchw_fwd_channel(
         acc[1] = shift64
         scale = acc[0]
         sh = acc[1]
-        has_res = res.size > 0
         for a in range(A):
             base = (a * C + c) * B
-            xs = x[base : base + B]
-            ys = y[base : base + B]
-            if has_res:
-                rs = res[base : base + B]
-                for i in range(B):
-                    v = xs[i] * scale + sh + rs[i]
-                    if relu and v < 0:
-                        v = 0
-                    ys[i] = v
-            elif relu:
-                for i in range(B):
-                    v = xs[i] * scale + sh
-                    if v < 0:
-                        v = 0
-                    ys[i] = v
-            else:
-                for i in range(B):
-                    ys[i] = xs[i] * scale + sh
+            _normalize_run(
+                x[base : base + B], y[base : base + B], res[base : base + B], scale, sh, relu
+            )
 
 
 @njit(cache=True)
@@ -253,30 +259,13 @@ def _nchw_fwd_block(
         sc, sf = _scale_shift(c0 + k, mean, invstd, w, b)
         sx[1, k] = sc
         sx[2, k] = sf
-    has_res = res.size > 0
     for a in range(A):
         for k in range(nc):
             base = (a * C + c0 + k) * B
-            scale = sx[1, k]
-            sh = sx[2, k]
-            xs = x[base : base + B]
-            ys = y[base : base + B]
-            if has_res:
-                rs = res[base : base + B]
-                for i in range(B):
-                    v = xs[i] * scale + sh + rs[i]
-                    if relu and v < 0:
-                        v = 0
-                    ys[i] = v
-            elif relu:
-                for i in range(B):
-                    v = xs[i] * scale + sh
-                    if v < 0:
-                        v = 0
-                    ys[i] = v
-            else:
-                for i in range(B):
-                    ys[i] = xs[i] * scale + sh
+            _normalize_run(
+                x[base : base + B], y[base : base + B], res[base : base + B], sx[1, k],
+                sx[2, k], relu,
+            )  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -436,29 +425,10 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     """Runs [j * per_item, (j + 1) * per_item) of the A * C runs of B values, in memory order;
     sct: (2, C) scale and shift in x's dtype."""
     runs = y.size // B
-    has_res = res.size > 0
     for q in range(j * per_item, min(runs, (j + 1) * per_item)):
         c = q % C
-        scale = sct[0, c]
-        sh = sct[1, c]
-        xs = x[q * B : (q + 1) * B]
-        ys = y[q * B : (q + 1) * B]
-        if has_res:
-            rs = res[q * B : (q + 1) * B]
-            for i in range(B):
-                v = xs[i] * scale + sh + rs[i]
-                if relu and v < 0:
-                    v = 0
-                ys[i] = v
-        elif relu:
-            for i in range(B):
-                v = xs[i] * scale + sh
-                if v < 0:
-                    v = 0
-                ys[i] = v
-        else:
-            for i in range(B):
-                ys[i] = xs[i] * scale + sh
+        lo, hi = q * B, (q + 1) * B
+        _normalize_run(x[lo:hi], y[lo:hi], res[lo:hi], sct[0, c], sct[1, c], relu)
 
 
 @njit(cache=True, fastmath=FASTMATH)
