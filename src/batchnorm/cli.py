@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # subcommand -> module defining add_parser(subparsers) and run(args) -> int
 SUBCOMMANDS = {
@@ -19,6 +20,16 @@ SUBCOMMANDS = {
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+def check_png(name: str, option: str = "--plot") -> Path:
+    """The ``--plot`` argument as a Path: a ``.png`` name in an existing folder."""
+    path = Path(name)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"{option} {name}: expected a .png file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {name}: no such directory {path.parent}")
+    return path
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,13 +21,12 @@ import copy
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .cli import UsageError
+from .cli import UsageError, check_png
 
 __all__ = ["DemoResult", "make_model", "load_data", "train", "add_parser", "run"]
 
@@ -187,11 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     if args.plot is not None:
-        plot = Path(args.plot)
-        if plot.suffix.lower() != ".png":
-            raise UsageError(f"--plot {args.plot}: expected a .png file name")
-        if not plot.parent.is_dir():
-            raise UsageError(f"--plot {args.plot}: no such directory {plot.parent}")
+        check_png(args.plot)
     load_data()  # fail early, before the progress bar, if scikit-learn is missing
 
     console = Console(width=None if sys.stdout.isatty() else max(Console().width, 100))

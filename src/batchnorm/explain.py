@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import modules, reference
-from .cli import UsageError
+from .cli import UsageError, check_png
 from .diagnose import Diagnosis, candidates, diagnose
 
 __all__ = ["Explanation", "explain", "load_tensor", "add_parser", "run"]
@@ -615,11 +615,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{tuple(yours.shape)}"
             )
     if args.plot is not None:
-        plot = Path(args.plot)
-        if plot.suffix.lower() != ".png":
-            raise UsageError(f"--plot {args.plot}: expected a .png file name")
-        if not plot.parent.is_dir():
-            raise UsageError(f"--plot {args.plot}: no such directory {plot.parent}")
+        check_png(args.plot)
 
     try:
         e = explain(x, momentum=args.momentum, eps=args.eps, steps=args.steps, eval=args.eval)
