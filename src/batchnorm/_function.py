@@ -83,7 +83,6 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.eps = eps
         ctx.backend = backend
         ctx.relu = relu
-        ctx.has_residual = residual is not None
         y3_mask = y3 if relu else None
         ctx.save_for_backward(x, x3, weight, bias, residual, mean, invstd, y3_mask)
         if training:

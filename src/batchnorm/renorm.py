@@ -147,28 +147,27 @@ class _BatchRenorm(_OurBatchNorm):
         return f"{super().extra_repr()}, r_max={self.r_max!r}, d_max={self.d_max!r}"
 
 
-def _check_r_max(value, step: int | None = None) -> float:
-    where = "" if step is None else f" (returned by the r_max callable at step {step})"
+def _check_limit(name: str, value, lowest: float, step: int | None = None) -> float:
+    """``r_max`` (>= 1) or ``d_max`` (>= 0) as a float; at ``lowest`` it is plain batch norm."""
+    where = "" if step is None else f" (returned by the {name} callable at step {step})"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"r_max must be a float >= 1 or a callable of the step, got "
+            f"{name} must be a float >= {lowest:g} or a callable of the step, got "
             f"{type(value).__name__}{where}"
         )
-    if math.isnan(value) or value < 1:
-        raise ValueError(f"r_max must be >= 1 (1 is plain batch norm), got {value}{where}")
+    if math.isnan(value) or value < lowest:
+        raise ValueError(
+            f"{name} must be >= {lowest:g} ({lowest:g} is plain batch norm), got {value}{where}"
+        )
     return float(value)
+
+
+def _check_r_max(value, step: int | None = None) -> float:
+    return _check_limit("r_max", value, 1.0, step)
 
 
 def _check_d_max(value, step: int | None = None) -> float:
-    where = "" if step is None else f" (returned by the d_max callable at step {step})"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"d_max must be a float >= 0 or a callable of the step, got "
-            f"{type(value).__name__}{where}"
-        )
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"d_max must be >= 0 (0 is plain batch norm), got {value}{where}")
-    return float(value)
+    return _check_limit("d_max", value, 0.0, step)
 
 
 class BatchRenorm1d(_BatchRenorm):
