@@ -1,9 +1,15 @@
-"""Bitwise determinism of the numba backend whatever the thread count.
+"""Bitwise determinism of the numba backend whatever the thread count, cache state and CPU.
 
-The same script runs in two fresh processes, with 1 and with 2 threads (torch's thread count,
+The same script runs in fresh processes, with 1 and with 2 threads (torch's thread count,
 which the numba backend follows), and hashes the bytes of every output, gradient and buffer.
 The shapes are above ``numba_cpu.PARALLEL_MIN`` so the parallel kernels run; each process
 also reports the numba pool size it used, so the test cannot pass by running serially twice.
+
+The kernels are compiled without fast-math, so the bytes must not depend on how they were
+compiled either: a run that compiles everything afresh (an empty ``NUMBA_CACHE_DIR``) for
+another CPU (``NUMBA_CPU_NAME=generic``: SSE2 vectors instead of this machine's) must give the
+same digests, and so must the next run, which loads those kernels from that cache. (With
+``reassoc`` a fresh compile and a cache load were seen to differ in sum_dy's last bits.)
 """
 
 from __future__ import annotations
@@ -65,8 +71,8 @@ print(json.dumps({"digests": digests, "pools": sorted(pools)}))
 """
 
 
-def _run(threads: int) -> dict:
-    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS=str(threads))
+def _run(threads: int, **extra_env: str) -> dict:
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS=str(threads), **extra_env)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(threads)],
         capture_output=True,
@@ -86,6 +92,18 @@ def test_one_and_two_threads_give_identical_bytes():
     assert one["digests"].keys() == two["digests"].keys()
     differing = [k for k in one["digests"] if one["digests"][k] != two["digests"][k]]
     assert not differing, f"outputs differ between 1 and 2 threads for {differing}"
+
+
+def test_fresh_compile_for_another_cpu_and_cache_load_give_identical_bytes(tmp_path):
+    here = _run(2)
+    cache = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "generic"}
+    fresh = _run(2, **cache)
+    assert any(tmp_path.rglob("*.nbi")), "the fresh run wrote no numba cache"
+    loaded = _run(2, **cache)
+    for label, other in (("a fresh generic-CPU compile", fresh), ("its cache load", loaded)):
+        assert other["digests"].keys() == here["digests"].keys()
+        differing = [k for k in here["digests"] if here["digests"][k] != other["digests"][k]]
+        assert not differing, f"{label} differs from this process's kernels for {differing}"
 
 
 # --- the split functions (SyncBatchNorm's path) on examples/ddp_cpu.py's shapes -------------

@@ -30,9 +30,17 @@ decide *which* blocks they run. So the bytes do not depend on the thread count. 
 (``_ser``) and parallel (``_par``) drivers call the same block functions; which one runs
 depends on the size only.
 
-``fastmath`` allows reassociation and FMA (vectorised sums) but not ``nnan``/``ninf``: NaN and
-inf in the input must reach the output as they do in torch. Inner loops run over slices
-indexed from 0 (numba then proves the index non-negative and vectorises them).
+No fast-math: every kernel is compiled with IEEE semantics (no reassociation, no FMA
+contraction, signed zeros, NaN and inf as in torch), so the arithmetic the source spells out is
+the arithmetic that runs, and the bytes cannot depend on how LLVM happens to vectorise a loop.
+With ``reassoc`` they did: a kernel compiled in a fresh process and the same kernel loaded from
+numba's disk cache were seen to differ in the last bits of sum_dy (the cached code links callee
+copies optimised in other contexts), and the CPU's vector width would change the order as well.
+Sums that must vectorise anyway have their lanes spelled out: run reductions through
+``_vecsum`` (vector accumulators in a fixed order, written at the LLVM level), per-position or
+per-channel accumulator arrays elsewhere (elementwise loops, which vectorise as they are).
+Inner loops run over slices indexed from 0 (numba then proves the index non-negative and
+vectorises them).
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+from ._vecsum import sum_centred, sum_grad, sum_grad_masked
+
 CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for the 2nd look
 # Bytes of one NCHW work item (a block of whole channels) that should stay in L2 (1 MiB per
 # core on the machines we measured) between its first read and its last, leaving room for the
@@ -63,7 +72,7 @@ FLUSH_ROWS = 64  # rows summed per position in x's dtype before a float64 flush
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _merge(n, mean, m2, cnt, mean_k, m2_k):
     """Chan's update of (n, mean, m2) with a chunk of cnt values; all float64."""
     n_new = n + cnt
@@ -73,40 +82,38 @@ def _merge(n, mean, m2, cnt, mean_k, m2_k):
     return n_new, mean, m2
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _segment_moments(x, C, B, c, a0, a1, lo, hi, shift, zero):
     """(mean, m2) in float64 of channel c over rows [a0, a1) and columns [lo, hi): at most
     CHUNK values, so the second look hits L1.
 
     A first sum gives a shift m in x's dtype (kept in the length-1 array ``shift``); then
     s1 = sum(x - m) and s2 = sum((x - m)^2) give the exact mean m + s1/n and the centred
-    m2 = s2 - s1^2/n, whatever the data's offset from zero."""
+    m2 = s2 - s1^2/n, whatever the data's offset from zero. Each row's run is one
+    ``_vecsum`` reduction, added in order in x's dtype."""
     cnt = (a1 - a0) * (hi - lo)
     s = zero
     for a in range(a0, a1):
         base = (a * C + c) * B
-        xs = x[base + lo : base + hi]  # loops over views from 0: numba proves i >= 0, vectorises
-        for i in range(hi - lo):
-            s += xs[i]
+        s += sum_centred(x[base + lo : base + hi], zero)[0]
     shift[0] = s / cnt
     m = shift[0]
     s1 = zero
     s2 = zero
     for a in range(a0, a1):
         base = (a * C + c) * B
-        xs = x[base + lo : base + hi]
-        for i in range(hi - lo):
-            d = xs[i] - m
-            s1 += d
-            s2 += d * d
+        p1, p2 = sum_centred(x[base + lo : base + hi], m)
+        s1 += p1
+        s2 += p2
     s1d = np.float64(s1)
     return cnt, np.float64(m) + s1d / cnt, np.float64(s2) - s1d * s1d / cnt
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _channel_moments(x, A, C, B, c, shift, zero):
+@njit(cache=True)
+def _channel_moments(x, A, C, B, c, zero):
     """(n, mean, m2) of channel c: segments of at most CHUNK values (part of a row when
     B >= CHUNK, else several whole rows), merged in order with Chan's update."""
+    shift = np.empty(1, x.dtype)
     n = 0.0
     mean = 0.0
     m2 = 0.0
@@ -125,7 +132,7 @@ def _channel_moments(x, A, C, B, c, shift, zero):
     return n, mean, m2
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t):
     """Store mean, biased var and invstd (as ``_conventions.invstd_from_var``) of channel c."""
     mean[c] = mean64
@@ -135,7 +142,7 @@ def _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t):
     invstd[c] = 1.0 / den if den != 0 else 0.0
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _scale_shift(c, mean, invstd, w, b):
     """(scale, shift) in float64 with y = x * scale + shift; w, b empty when absent."""
     scale = np.float64(invstd[c])
@@ -150,7 +157,7 @@ def _scale_shift(c, mean, invstd, w, b):
 # ---------------------------------------------------------------- NCHW (B > 1): one channel
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+@njit(cache=True, inline="always")
 def _normalize_run(xs, ys, rs, scale, sh, relu):
     """``ys = xs * scale + sh (+ rs)``, then the relu: one contiguous run of one channel.
     ``rs`` is empty without a residual. The branches sit outside the loops, so each loop
@@ -172,13 +179,13 @@ def _normalize_run(xs, ys, rs, scale, sh, relu):
             ys[i] = xs[i] * scale + sh
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_fwd_channel(
     c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
 ):
     """Statistics and/or normalisation of channel c; x, y, res flat (A * C * B,)."""
     if stats:
-        n, mean64, m2 = _channel_moments(x, A, C, B, c, acc, zero)
+        n, mean64, m2 = _channel_moments(x, A, C, B, c, zero)
         _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t)
     if apply:
         scale64, shift64 = _scale_shift(c, mean, invstd, w, b)
@@ -198,14 +205,14 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     """Channels per NCHW work item: as many whole channels as fit L2_BUDGET (``streams``
     tensors of them: x, or x and dy), at most C / min_blocks: MIN_BLOCKS for load balance,
     or 1 for the serial drivers of short runs (B < SMALL_B; tiny tensors), where more blocks
-    only cost per-block set-up. The tiled kernels of short runs give the same bytes whatever
-    the blocking (per-position sums, folded per channel); the long-run kernels were seen to
-    differ in the last bits between blockings, so they keep the parallel drivers' blocks."""
+    only cost per-block set-up. Results do not depend on the blocking: the tiled kernels of
+    short runs sum per position, then fold per channel; the long-run kernels sum each run of
+    a channel in a fixed order and add the runs in row order."""
     cb = max(1, L2_BUDGET // max(1, A * B * itemsize * streams))
     return max(1, min(cb, (C + min_blocks - 1) // min_blocks))
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_fwd_block(
     c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, sx, sd
 ):  # fmt: skip
@@ -228,11 +235,7 @@ def _nchw_fwd_block(
             for k in range(nc):
                 base = (a * C + c0 + k) * B
                 for lo in range(0, B, CHUNK):
-                    xs = x[base + lo : base + min(lo + CHUNK, B)]
-                    s = zero
-                    for i in range(xs.size):
-                        s += xs[i]
-                    tot[k] += s
+                    tot[k] += sum_centred(x[base + lo : base + min(lo + CHUNK, B)], zero)[0]
         for k in range(nc):
             sx[0, k] = tot[k] / n  # a shift close to the mean, in x's dtype
         for a in range(A):
@@ -240,13 +243,7 @@ def _nchw_fwd_block(
                 base = (a * C + c0 + k) * B
                 m = sx[0, k]
                 for lo in range(0, B, CHUNK):
-                    xs = x[base + lo : base + min(lo + CHUNK, B)]
-                    s1 = zero
-                    s2 = zero
-                    for i in range(xs.size):
-                        d = xs[i] - m
-                        s1 += d
-                        s2 += d * d
+                    s1, s2 = sum_centred(x[base + lo : base + min(lo + CHUNK, B)], m)
                     t1[k] += s1
                     t2[k] += s2
         for k in range(nc):
@@ -268,7 +265,7 @@ def _nchw_fwd_block(
             )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _fold_rows(t, t64, L):
     """t64 += t; t = 0 (float32 tile partials into float64, every FLUSH_ROWS rows)."""
     for i in range(L):
@@ -276,7 +273,7 @@ def _fold_rows(t, t64, L):
         t[i] = 0
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_fwd_block_tiled(
     c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero
 ):  # fmt: skip
@@ -370,7 +367,7 @@ def _nchw_fwd_block_tiled(
                 ys[i] = xs[i] * st[i] + ht[i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply,
                    relu, zero, sx, sd):  # fmt: skip
     c0 = j * cb
@@ -394,7 +391,7 @@ def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, st
         )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, parallel=True)
 def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
     cb = channels_per_block(A, C, B, x.itemsize, 1, MIN_BLOCKS)
@@ -407,7 +404,7 @@ def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
         )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
     cb = channels_per_block(A, C, B, x.itemsize, 1, 1 if B < SMALL_B else MIN_BLOCKS)
@@ -420,7 +417,7 @@ def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
         )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     """Runs [j * per_item, (j + 1) * per_item) of the A * C runs of B values, in memory order;
     sct: (2, C) scale and shift in x's dtype."""
@@ -431,7 +428,7 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
         _normalize_run(x[lo:hi], y[lo:hi], res[lo:hi], sct[0, c], sct[1, c], relu)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _eval_setup(C, B, mean, invstd, w, b, x):
     sct = np.empty((2, C), x.dtype)
     for c in range(C):
@@ -442,7 +439,7 @@ def _eval_setup(C, B, mean, invstd, w, b, x):
     return sct, per_item, (x.size // B + per_item - 1) // per_item
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, parallel=True)
 def nchw_eval_par(x, y, res, C, B, mean, invstd, w, b, relu):
     """Eval (given statistics): one streaming pass in memory order, no channel blocking
     (nothing is re-read, so long sequential runs serve the prefetchers best)."""
@@ -451,14 +448,14 @@ def nchw_eval_par(x, y, res, C, B, mean, invstd, w, b, relu):
         _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu):
     sct, per_item, items = _eval_setup(C, B, mean, invstd, w, b, x)
     for j in range(items):
         _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu)
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, parallel=True)
 def nchw_eval_tiled_par(x, y, res, A, C, B, mean, invstd, w, b, relu):
     """Eval of short runs (B < EVAL_TILED_B): blocks of about EVAL_TILE // B channels, one
     flat loop per sample over each block against tiled scale and shift (a loop of B values per
@@ -473,7 +470,7 @@ def nchw_eval_tiled_par(x, y, res, A, C, B, mean, invstd, w, b, relu):
         )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu):
     zero = np.zeros(1, x.dtype)[0]
     cb = max(1, EVAL_TILE // B)
@@ -485,7 +482,7 @@ def nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu):
         )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _segment_grad_sums(dy, x, mask, C, B, c, a0, a1, lo, hi, m, zero):
     """(sum(dy), sum(dy * (x - m))) of channel c over rows [a0, a1) and columns [lo, hi),
     accumulated in x's dtype (at most CHUNK values), returned as float64. dy counts only
@@ -493,23 +490,18 @@ def _segment_grad_sums(dy, x, mask, C, B, c, a0, a1, lo, hi, m, zero):
     s_dy = zero
     s_dyxmu = zero
     for a in range(a0, a1):
-        base = (a * C + c) * B
-        xs = x[base + lo : base + hi]
-        dys = dy[base + lo : base + hi]
+        lo_a = (a * C + c) * B + lo
+        hi_a = lo_a + hi - lo
         if mask.size > 0:
-            ms = mask[base + lo : base + hi]
-            for i in range(hi - lo):
-                g = dys[i] if ms[i] > 0 else zero
-                s_dy += g
-                s_dyxmu += g * (xs[i] - m)
+            p1, p2 = sum_grad_masked(dy[lo_a:hi_a], x[lo_a:hi_a], mask[lo_a:hi_a], m)
         else:
-            for i in range(hi - lo):
-                s_dy += dys[i]
-                s_dyxmu += dys[i] * (xs[i] - m)
+            p1, p2 = sum_grad(dy[lo_a:hi_a], x[lo_a:hi_a], m)
+        s_dy += p1
+        s_dyxmu += p2
     return np.float64(s_dy), np.float64(s_dyxmu)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_bwd_block(
     c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
     sums, do_dx, training, zero, sx, sd,
@@ -529,8 +521,9 @@ def _nchw_bwd_block(
             for k in range(nc):
                 m = sx[0, k]
                 for lo in range(0, B, CHUNK):
+                    hi = min(lo + CHUNK, B)
                     p_dy, p_dyxmu = _segment_grad_sums(
-                        dy, x, mask, C, B, c0 + k, a, a + 1, lo, min(lo + CHUNK, B), m, zero
+                        dy, x, mask, C, B, c0 + k, a, a + 1, lo, hi, m, zero
                     )
                     t_dy[k] += p_dy
                     t_dyxmu[k] += p_dyxmu
@@ -576,7 +569,7 @@ def _nchw_bwd_block(
                     dxs[i] = dys[i] * kdy
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _nchw_bwd_block_tiled(
     c0, c1, dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count,
     sums, do_dx, training, zero,
@@ -663,7 +656,7 @@ def _nchw_bwd_block_tiled(
                 ds[i] = gs[i] * kdy[i]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, parallel=True)
 def nchw_bwd_par(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
@@ -686,7 +679,7 @@ def nchw_bwd_par(
             )  # fmt: skip
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def nchw_bwd_ser(
     dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
@@ -736,7 +729,7 @@ def rows_per_block(C):
     return max(1, CL_BLOCK_VALUES // (T * C)) * T
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _tiled(v, C, t):
     """t (T * C,) = v (C,) repeated T times."""
     for j in range(t.size // C):
@@ -745,7 +738,7 @@ def _tiled(v, C, t):
             tj[k] = v[k]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _fold(t, C, out, zero):
     """out (C,) = sum over the T rows of the tile t (T * C,), in t's dtype."""
     for k in range(C):
@@ -756,7 +749,7 @@ def _fold(t, C, out, zero):
             out[k] += tj[k]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
     """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64, in ONE pass over the rows.
 
@@ -814,7 +807,7 @@ def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
         pm2[k] = pm2[k] - t1 * t1 / cnt
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
     """Merge the blocks' partial moments in block order; store mean, var, invstd.
 
@@ -843,7 +836,7 @@ def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
         _finish_stats(c, n, total[c], m2[c], mean, var, invstd, eps_t)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_apply_block(x, y, res, C, rlo, rhi, sct, sft, relu):
     """y = x * scale + shift (+ residual, relu) over rows [rlo, rhi); sct, sft: tiles."""
     T = tile_rows(C)
@@ -871,7 +864,7 @@ def _cl_apply_block(x, y, res, C, rlo, rhi, sct, sft, relu):
                 ys[i] = xs[i] * sct[i] + sft[i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_scale_shift_tiles(C, mean, invstd, w, b, dtype_like):
     """(2, T * C) tiles of scale and shift in x's dtype."""
     T = tile_rows(C)
@@ -886,7 +879,7 @@ def _cl_scale_shift_tiles(C, mean, invstd, w, b, dtype_like):
     return t
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, parallel=True)
 def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
     RB = rows_per_block(C)
@@ -911,7 +904,7 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
             _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, relu):
     zero = np.zeros(1, x.dtype)[0]
     RB = rows_per_block(C)
@@ -932,7 +925,7 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
             _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy, s_dyxmu):
     """Partial sum_dy and sum(dy * (x - mean)) of rows [rlo, rhi), float64 (C,): float32
     (x's dtype) within chunks of CL_CHUNK values, four rows per step without a mask."""
@@ -978,7 +971,7 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
             psum_dyxmu[k] += s_dyxmu[k]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
     """dx = kdy * dy + kx * x + k0 over rows [rlo, rhi); kt: (3, T * C) tiles of kdy, kx, k0."""
     T = tile_rows(C)
@@ -1003,7 +996,7 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
                 ds[i] = gs[i] * kdy[i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat):
     for c in range(C):
         t_dy = 0.0
@@ -1015,7 +1008,7 @@ def _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat):
         sum_dy_xhat[c] = t_dyxmu * np.float64(invstd[c])
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, dtype_like):
     """(3, T * C) tiles of kdy, kx, k0 in x's dtype with dx = kdy * dy + kx * x + k0, from
     dx = w * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n) (eval: w * invstd * dy)."""
@@ -1038,7 +1031,7 @@ def _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, dtype_li
     return t
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, parallel=True)
 def cl_bwd_par(
     dy, x, mask, dx, A, C, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):
@@ -1066,7 +1059,7 @@ def cl_bwd_par(
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)
 def cl_bwd_ser(
     dy, x, mask, dx, A, C, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
 ):

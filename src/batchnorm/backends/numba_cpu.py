@@ -23,7 +23,8 @@ live in ``_numba_kernels``.
   numba threads, so ``torch.set_num_threads`` sets both. numba's OpenMP layer runs on the
   system's libgomp, torch on its own bundled copy: two worker pools that take turns (calls are
   sequential, never nested). Tensors under ``PARALLEL_MIN`` elements run serially.
-* Results are bitwise identical whatever the thread count (see ``_numba_kernels``).
+* Results are bitwise identical whatever the thread count, the state of numba's disk cache
+  and the CPU model: no fast-math, sums in a fixed order (see ``_numba_kernels``).
 """
 
 from __future__ import annotations
