@@ -316,3 +316,55 @@ def test_threads_follow_torch():
         torch.set_num_threads(before)
     nb.forward_train(x3, None, None, EPS)
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+# --- _vecsum: the run reductions, in the order their docstring spells out ------------------
+
+
+def _vecsum_in_order(vals: np.ndarray) -> np.generic:
+    """``_vecsum``'s documented order, replayed in NumPy in the same dtype: UNROLL vector
+    accumulators of 64 bytes over full strips, the tail in order, a fixed fold."""
+    from batchnorm.backends._vecsum import UNROLL
+
+    width = 64 // vals.itemsize
+    strip = UNROLL * width
+    nvec = vals.size - vals.size % strip
+    acc = np.zeros((UNROLL, width), vals.dtype)
+    for i0 in range(0, nvec, strip):
+        acc += vals[i0 : i0 + strip].reshape(UNROLL, width)
+    tail = vals.dtype.type(0)
+    for v in vals[nvec:]:
+        tail = tail + v
+    vecs = list(acc)
+    while len(vecs) > 1:
+        vecs = [vecs[i] + vecs[i + 1] for i in range(0, len(vecs), 2)]
+    lanes = vecs[0]
+    while lanes.size > 1:
+        lanes = lanes[: lanes.size // 2] + lanes[lanes.size // 2 :]
+    return lanes[0] + tail
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 63, 64, 65, 127, 128, 129, 784, 2048, 4087])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vecsum_is_the_documented_order_bit_for_bit(n, dtype):
+    from numba import njit
+
+    from batchnorm.backends._vecsum import sum_centred, sum_grad, sum_grad_masked
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(n).astype(dtype)
+    mask = rng.standard_normal(n).astype(dtype)
+    mask[::5] = np.nan  # NaN does not count as > 0
+    m = dtype(0.75)
+    got = njit(lambda dy, x, mask, m: sum_centred(x, m) + sum_grad(dy, x, m)
+               + sum_grad_masked(dy, x, mask, m))(dy, x, mask, m)  # fmt: skip
+    d = x - m
+    g = np.where(mask > 0, dy, dtype(0))
+    want = [_vecsum_in_order(v) for v in (d, d * d, dy, dy * d, g, g * d)]
+    assert [v.tobytes() for v in map(dtype, got)] == [v.tobytes() for v in want]
+    # and the order is a good one: close to the float64 sums
+    exact = [v.astype(np.float64).sum() for v in (d, d * d, dy, dy * d, g, g * d)]
+    scale = [np.abs(v).astype(np.float64).sum() + 1 for v in (d, d * d, dy, dy * d, g, g * d)]
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    assert all(abs(float(a) - b) <= tol * s for a, b, s in zip(got, exact, scale))
