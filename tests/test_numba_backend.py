@@ -368,3 +368,70 @@ def test_vecsum_is_the_documented_order_bit_for_bit(n, dtype):
     scale = [np.abs(v).astype(np.float64).sum() + 1 for v in (d, d * d, dy, dy * d, g, g * d)]
     tol = 1e-6 if dtype == np.float32 else 1e-14
     assert all(abs(float(a) - b) <= tol * s for a, b, s in zip(got, exact, scale))
+
+
+# --- eval of small tensors: one direct kernel call, the general path's bytes ---------------
+
+DIRECT = [
+    ((7, 5), False),  # (N, C)
+    ((4, 3, 10), False),  # (N, C, L): runs of 10, the tiled kernel
+    ((2, 3, 70), False),  # runs of 70: the streaming kernel
+    ((1, 3, 5, 7), False),  # N = 1
+    ((1, 3, 5, 7), True),
+    ((3, 1, 4, 4), True),  # C = 1
+    ((2, 13, 3, 5, 2), False),  # 3d, primes
+    ((2, 13, 3, 5, 2), True),
+    ((8, 32, 3, 3), True),
+]
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", NATIVE)
+@pytest.mark.parametrize("case", DIRECT, ids=_case_id)
+def test_eval_direct_gives_the_general_paths_bytes(case, dtype, affine, relu, monkeypatch):
+    shape, cl = case
+    C = shape[1]
+    x = make_input(shape, dtype=dtype, channels_last=cl)
+    g = torch.Generator().manual_seed(7)
+    rm = torch.randn(C, generator=g, dtype=dtype)
+    rv = torch.rand(C, generator=g, dtype=dtype) + 0.1
+    weight, bias = _params(C, dtype) if affine else (None, None)
+    eps = 1e-3
+    if C > 1:  # running_var + eps == 0: torch's inf and nan, on both paths
+        rv[0], eps = 0.0, 0.0
+    act = "relu" if relu else None
+    direct = nb.eval_direct(x, rm, rv, weight, bias, eps, relu)
+    assert direct is not None
+    # the general path: an input that wants a gradient goes through the autograd.Function
+    general = BF.batch_norm(
+        x.clone().requires_grad_(True), rm, rv, weight, bias, False, eps=eps, activation=act,
+        backend="numba",
+    ).detach()  # fmt: skip
+    assert direct.shape == general.shape and direct.stride() == general.stride()
+    assert _bytes(direct) == _bytes(general)
+    # and the public call without a gradient takes the direct path
+    calls = []
+    monkeypatch.setattr(nb, "eval_direct", lambda *a: calls.append(1) or direct)
+    public = BF.batch_norm(x, rm, rv, weight, bias, False, eps=eps, activation=act,
+                           backend="numba")  # fmt: skip
+    assert calls == [1] and public is direct
+
+
+def test_eval_direct_declines_what_it_does_not_do():
+    C = 3
+    rm, rv = torch.zeros(C), torch.ones(C)
+    assert nb.eval_direct(torch.randn(4, C, 5).bfloat16(), rm, rv, None, None, 1e-5, False) is None
+    assert nb.eval_direct(torch.randn(64, C, 400), rm, rv, None, None, 1e-5, False) is None
+    assert nb.eval_direct(torch.randn(4, C, 10)[:, :, ::2], rm, rv, None, None, 1e-5, False) is None
+    assert nb.eval_direct(torch.randn(4, C, 5), rm, torch.ones(2 * C)[::2], None, None, 1e-5,
+                          False) is None  # fmt: skip
+    assert nb.eval_direct(torch.randn(0, C, 5), rm, rv, None, None, 1e-5, False) is None
+    # and those still give torch's numbers through the general path
+    x = torch.randn(4, C, 10)[:, :, ::2]
+    want = torch.nn.functional.batch_norm(x, rm, rv, training=False)
+    assert_close(BF.batch_norm(x, rm, rv, training=False, backend="numba"), want, torch.float32)

@@ -1083,3 +1083,30 @@ def cl_bwd_ser(
         kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
         for j in range(nblocks):
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
+
+
+# ------------------------------------------------------------- eval of small tensors, direct
+
+
+@njit(cache=True, error_model="numpy")
+def eval_small(x, y, A, C, B, mean, var, w, b, eps, relu):
+    """Eval from the running buffers in one call, for tensors under ``PARALLEL_MIN`` values
+    (where the per-call overhead is the cost): ``invstd = 1 / sqrt(var + eps)`` in x's
+    dtype, the arithmetic of ``_conventions.invstd_from_var`` (NumPy's float32 ops; inf where
+    ``var + eps == 0``, as torch), then the serial eval kernel that ``numba_cpu.normalize``
+    picks for this shape: the same bytes as the general path."""
+    consts = np.empty(3, x.dtype)  # eps (a Python float) rounded to x's dtype, one, zero
+    consts[0] = eps
+    consts[1] = 1.0
+    consts[2] = 0.0
+    eps_t, one, zero = consts[0], consts[1], consts[2]
+    invstd = np.empty(C, x.dtype)
+    for c in range(C):
+        invstd[c] = one / np.sqrt(var[c] + eps_t)
+    res = x[:0]  # no residual
+    if B >= EVAL_TILED_B:
+        nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu)
+    elif B > 1:
+        nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu)
+    else:
+        cl_fwd_ser(x, y, res, A, C, mean, res, invstd, w, b, zero, False, True, relu)

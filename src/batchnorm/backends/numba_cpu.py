@@ -179,6 +179,56 @@ def _stats_only(x3: Tensor):
     return None, mean, var, invstd
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def eval_direct(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+) -> Tensor | None:
+    """Eval of a small tensor from its running buffers in one kernel call, or None.
+
+    The inference path of tiny tensors, where the per-call overhead is the whole cost: no
+    canonical view, no separate ``invstd`` (``K.eval_small`` computes it as
+    ``invstd_from_var`` does), the same kernels and bytes as ``normalize``. Applies to
+    float32/float64 tensors under ``PARALLEL_MIN`` values, NCHW-contiguous or channels-last,
+    with contiguous buffers of x's dtype (the caller has validated shapes and dtypes);
+    returns None otherwise, and the general path runs.
+    """
+    n = x.numel()
+    if n == 0 or n >= PARALLEL_MIN or x.dtype not in _NATIVE:
+        return None
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
+            return None
+    N, C = x.shape[0], x.shape[1]
+    if x.is_contiguous():
+        A, B = N, n // (N * C)
+        if x.dim() == 2:  # (N, C): channels interleaved
+            A, B = N, 1
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
+    elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
+        A, B = n // C, 1
+        y = torch.empty_like(x, memory_format=_CHANNELS_LAST[x.dim()])
+        perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
+        xf = x.permute(perm).numpy(force=True).reshape(-1)
+        yf = y.permute(perm).numpy().reshape(-1)
+    else:
+        return None
+    acc = x.dtype
+    K.eval_small(
+        xf, yf, A, C, B, running_mean.numpy(force=True), running_var.numpy(force=True),
+        _arr(weight, acc), _arr(bias, acc), float(eps), bool(relu),
+    )  # fmt: skip
+    return y
+
+
 def normalize(
     x3: Tensor,
     mean: Tensor,
