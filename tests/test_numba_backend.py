@@ -435,3 +435,40 @@ def test_eval_direct_declines_what_it_does_not_do():
     x = torch.randn(4, C, 10)[:, :, ::2]
     want = torch.nn.functional.batch_norm(x, rm, rv, training=False)
     assert_close(BF.batch_norm(x, rm, rv, training=False, backend="numba"), want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", NATIVE)
+@pytest.mark.parametrize("count", [2, 9, 1001])
+@pytest.mark.parametrize("factor", [0.1, 1.0, 1 / 3, 0.0])
+def test_running_update_gives_the_numpy_paths_bytes(dtype, count, factor):
+    from batchnorm import _conventions
+
+    g = torch.Generator().manual_seed(count)
+    C = 37
+    mean, var = torch.randn(C, generator=g, dtype=dtype), torch.rand(C, generator=g, dtype=dtype)
+    rm0, rv0 = torch.randn(C, generator=g, dtype=dtype), torch.rand(C, generator=g, dtype=dtype)
+    ours = (rm0.clone(), rv0.clone())
+    theirs = (rm0.clone(), rv0.clone())
+    versions = [t._version for t in ours]
+    nb.update_running_stats(*ours, mean, var, count, factor)
+    _conventions.update_running_stats(*theirs, mean, var, count, factor)
+    assert [_bytes(t) for t in ours] == [_bytes(t) for t in theirs]
+    assert [t._version for t in ours] == [v + 1 for v in versions]  # autograd sees the change
+    # and both are the formula, against float64
+    f, unbias = factor, count / (count - 1)
+    want_rv = rv0.double() * (1 - f) + f * var.double() * unbias
+    assert_close(ours[1], want_rv.to(dtype), dtype)
+
+
+def test_running_update_falls_back_for_mixed_dtypes(monkeypatch):
+    from batchnorm import _conventions
+
+    calls = []
+    monkeypatch.setattr(nb.K, "update_running", lambda *a: calls.append(a))
+    bufs = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    want = [t.clone() for t in bufs]
+    stats = (torch.ones(3), torch.full((3,), 2.0))  # float32 statistics, float64 buffers
+    nb.update_running_stats(*bufs, *stats, 4, 0.5)
+    _conventions.update_running_stats(*want, *stats, 4, 0.5)
+    assert not calls and [_bytes(t) for t in bufs] == [_bytes(t) for t in want]
+    assert bufs[0].tolist() == [0.5] * 3

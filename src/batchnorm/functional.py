@@ -108,7 +108,8 @@ def batch_norm(
             num_batches_tracked.add_(1)  # an int64 buffer: never part of a graph
         factor = momentum_factor(momentum, num_batches_tracked)
         count = input.numel() // input.shape[1] if input.shape[1] else 0
-        update_running_stats(running_mean, running_var, mean, var, count, factor)
+        update_stats = getattr(kernel, "update_running_stats", update_running_stats)
+        update_stats(running_mean, running_var, mean, var, count, factor)
     return y
 
 

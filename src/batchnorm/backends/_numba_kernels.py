@@ -1110,3 +1110,19 @@ def eval_small(x, y, A, C, B, mean, var, w, b, eps, relu):
         nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu)
     else:
         cl_fwd_ser(x, y, res, A, C, mean, res, invstd, w, b, zero, False, True, relu)
+
+
+@njit(cache=True)
+def update_running(rm, rv, mean, var, factor, unbias):
+    """In place: ``rm = rm * (1 - f) + f * mean``, ``rv = rv * (1 - f) + f * (var * unbias)``,
+    each product and sum rounded to the buffers' dtype in that order, with ``1 - f``, ``f``
+    and ``unbias`` rounded to it first: the float arithmetic of the NumPy path of
+    ``_conventions.update_running_stats`` (no FMA: no fast-math), in one call."""
+    k = np.empty(3, rm.dtype)
+    k[0] = 1.0 - factor
+    k[1] = factor
+    k[2] = unbias
+    keep, f, u = k[0], k[1], k[2]
+    for c in range(rm.size):
+        rm[c] = rm[c] * keep + f * mean[c]
+        rv[c] = rv[c] * keep + f * (var[c] * u)

@@ -33,7 +33,9 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
+from .. import _conventions as conventions
 from .._conventions import HALF_DTYPES, acc_dtype, invstd_from_var
 from . import _numba_kernels as K
 
@@ -152,6 +154,36 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
     if acc != dtype:
         y3 = y3.to(dtype)
     return y3, mean, var, invstd
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    factor: float,
+) -> None:
+    """``_conventions.update_running_stats`` in one numba call (``K.update_running``: the same
+    bytes as its NumPy path, a few microseconds less per training call) when all four are
+    contiguous CPU tensors of one native dtype; otherwise the conventions' own code."""
+    ts = (running_mean, running_var, mean, var)
+    dtype = running_mean.dtype
+    if (
+        count < 2
+        or dtype not in _NATIVE
+        or not all(
+            t.dtype == dtype
+            and t.is_contiguous()
+            and not t.requires_grad
+            and t.device.type == "cpu"
+            for t in ts
+        )
+    ):
+        return conventions.update_running_stats(*ts, count, factor)
+    K.update_running(*(t.numpy() for t in ts), float(factor), count / (count - 1))
+    increment_version(running_mean)
+    increment_version(running_var)
 
 
 def batch_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
