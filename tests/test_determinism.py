@@ -2,7 +2,7 @@
 
 The same script runs in fresh processes, with 1 and with 2 threads (torch's thread count,
 which the numba backend follows), and hashes the bytes of every output, gradient and buffer.
-The shapes are above ``numba_cpu.PARALLEL_MIN`` so the parallel kernels run; each process
+Most shapes are above ``numba_cpu.PARALLEL_MIN`` so the parallel kernels run; each process
 also reports the numba pool size it used, so the test cannot pass by running serially twice.
 
 The kernels are compiled without fast-math, so the bytes must not depend on how they were
@@ -40,6 +40,9 @@ cases = [
     ((5000, 37), False, torch.float32),  # (N, C)
     ((4, 24, 37, 41), True, torch.bfloat16),
     ((2, 6, 9, 40, 41), True, torch.float32),  # 3d channels-last
+    ((2, 2, 300, 300), False, torch.float32),  # a channel over L2_BUDGET: chunked moments
+    ((8, 32, 3, 3), False, torch.float32),  # small: serial kernels, eval in one direct call
+    ((8, 32, 3, 3), True, torch.float64),
 ]
 for shape, cl, dtype in cases:
     g = torch.Generator().manual_seed(0)

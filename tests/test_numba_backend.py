@@ -318,13 +318,13 @@ def test_threads_follow_torch():
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
 
 
-# --- _vecsum: the run reductions, in the order their docstring spells out ------------------
+# --- the run sums (sum_centred, sum_grad): the order their comment spells out ------------
 
 
-def _vecsum_in_order(vals: np.ndarray) -> np.generic:
-    """``_vecsum``'s documented order, replayed in NumPy in the same dtype: UNROLL vector
+def _run_sum_in_order(vals: np.ndarray) -> np.generic:
+    """The run sums' documented order, replayed in NumPy in the same dtype: UNROLL vector
     accumulators of 64 bytes over full strips, the tail in order, a fixed fold."""
-    from batchnorm.backends._vecsum import UNROLL
+    from batchnorm.backends._numba_kernels import UNROLL
 
     width = 64 // vals.itemsize
     strip = UNROLL * width
@@ -346,10 +346,10 @@ def _vecsum_in_order(vals: np.ndarray) -> np.generic:
 
 @pytest.mark.parametrize("n", [0, 1, 7, 63, 64, 65, 127, 128, 129, 784, 2048, 4087])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_vecsum_is_the_documented_order_bit_for_bit(n, dtype):
+def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
     from numba import njit
 
-    from batchnorm.backends._vecsum import sum_centred, sum_grad, sum_grad_masked
+    from batchnorm.backends._numba_kernels import sum_centred, sum_grad, sum_grad_masked
 
     rng = np.random.default_rng(n)
     x = (rng.standard_normal(n) * 3 + 1).astype(dtype)
@@ -361,7 +361,7 @@ def test_vecsum_is_the_documented_order_bit_for_bit(n, dtype):
                + sum_grad_masked(dy, x, mask, m))(dy, x, mask, m)  # fmt: skip
     d = x - m
     g = np.where(mask > 0, dy, dtype(0))
-    want = [_vecsum_in_order(v) for v in (d, d * d, dy, dy * d, g, g * d)]
+    want = [_run_sum_in_order(v) for v in (d, d * d, dy, dy * d, g, g * d)]
     assert [v.tobytes() for v in map(dtype, got)] == [v.tobytes() for v in want]
     # and the order is a good one: close to the float64 sums
     exact = [v.astype(np.float64).sum() for v in (d, d * d, dy, dy * d, g, g * d)]
@@ -472,3 +472,17 @@ def test_running_update_falls_back_for_mixed_dtypes(monkeypatch):
     _conventions.update_running_stats(*want, *stats, 4, 0.5)
     assert not calls and [_bytes(t) for t in bufs] == [_bytes(t) for t in want]
     assert bufs[0].tolist() == [0.5] * 3
+
+
+def test_training_calls_use_the_backends_running_update(monkeypatch):
+    calls = []
+    real = nb.update_running_stats
+    monkeypatch.setattr(nb, "update_running_stats", lambda *a: calls.append(1) or real(*a))
+    rm, rv = torch.zeros(4), torch.ones(4)
+    x = make_input((6, 4, 5))
+    BF.batch_norm(x, rm, rv, training=True, backend="numba")
+    want_rm, want_rv = torch.zeros(4), torch.ones(4)
+    torch.nn.functional.batch_norm(x, want_rm, want_rv, training=True)
+    assert calls == [1]
+    assert_close(rm, want_rm, torch.float32)
+    assert_close(rv, want_rv, torch.float32)

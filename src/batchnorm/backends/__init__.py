@@ -13,6 +13,14 @@ view (``batchnorm._layout``), per-channel vectors ``(C,)`` in the accumulation d
 * ``backward(dy3, x3, mean, invstd, weight, training, need_dx, y3_mask=None)
   -> (dx3 or None, sum_dy, sum_dy_xhat)``
 
+Optional, looked up by ``functional.batch_norm`` with ``getattr`` (the numba backend has both;
+each must give the general path's bytes):
+
+* ``eval_direct(x, running_mean, running_var, weight, bias, eps, relu) -> y or None``: eval of
+  the user's tensor in one call, or None when the general path must run;
+* ``update_running_stats(running_mean, running_var, mean, var, count, factor)``: the
+  running-statistics update of ``_conventions``, in place.
+
 ``y3_mask`` is the forward output when a relu was fused: dy counts only where it is > 0.
 The split functions (``batch_stats``/``normalize``, ``grad_sums``/``grad_input``) are what
 SyncBatchNorm needs to put a collective in between; the fused ones are the fast path.

@@ -34,21 +34,22 @@ No fast-math: every kernel is compiled with IEEE semantics (no reassociation, no
 contraction, signed zeros, NaN and inf as in torch), so the arithmetic the source spells out is
 the arithmetic that runs, and the bytes cannot depend on how LLVM happens to vectorise a loop.
 With ``reassoc`` they did: a kernel compiled in a fresh process and the same kernel loaded from
-numba's disk cache were seen to differ in the last bits of sum_dy (the cached code links callee
-copies optimised in other contexts), and the CPU's vector width would change the order as well.
+numba's disk cache were seen to differ in the last bits of sum_dy (which optimisation differs
+between the two, we did not pin down), and the CPU's vector width changes the order as well.
 Sums that must vectorise anyway have their lanes spelled out: run reductions through
-``_vecsum`` (vector accumulators in a fixed order, written at the LLVM level), per-position or
-per-channel accumulator arrays elsewhere (elementwise loops, which vectorise as they are).
-Inner loops run over slices indexed from 0 (numba then proves the index non-negative and
-vectorises them).
+``sum_centred``/``sum_grad`` (vector accumulators in a fixed order, written at the LLVM level,
+below), per-position or per-channel accumulator arrays elsewhere (elementwise loops, which
+vectorise as they are). Inner loops run over slices indexed from 0 (numba then proves the
+index non-negative and vectorises them).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
-
-from ._vecsum import sum_centred, sum_grad, sum_grad_masked
+from numba.core import cgutils, errors, types
+from numba.extending import intrinsic
 
 CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, stays in L1 for the 2nd look
 # Bytes of one NCHW work item (a block of whole channels) that should stay in L2 (1 MiB per
@@ -72,6 +73,146 @@ FLUSH_ROWS = 64  # rows summed per position in x's dtype before a float64 flush
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 
 
+# ---------------------------------------------- run reductions in explicit vector lanes
+#
+# Why: a plain ``s += x[i]`` loop only vectorises if LLVM may reassociate (fast-math
+# ``reassoc``), and then the order of the additions is LLVM's choice: it changes with the
+# CPU's vector width and, as seen here, between a kernel compiled in a fresh process and the
+# same kernel loaded from numba's disk cache. So these reductions are numba intrinsics that
+# emit the loop in LLVM IR with the order spelled out: ``UNROLL`` accumulators of 64 bytes
+# (16 float32 or 8 float64 lanes); element ``i`` of the vector part goes to lane
+# ``i % (UNROLL * width)``; the tail (fewer than ``UNROLL * width`` values) is added in order
+# into a scalar; the lanes fold in a fixed pairwise tree, then the tail is added. The
+# accumulators are stack slots, which LLVM keeps in registers, and no fast-math flag is set:
+# every addition is an IEEE addition in that order, on any x86 (AVX2 runs a 16-lane add as
+# two 8-lane ones: the same lanewise results) and whatever the cache state. They live in this
+# file on purpose: numba's disk cache checks only the source file of the cached function, so
+# intrinsics in another file could change without invalidating the kernels that inline them.
+#
+# Each takes 1-d C-contiguous arrays of one length (slices from 0 of the flat views) and
+# returns a pair in the arrays' dtype:
+#   sum_centred(x, m) -> (sum(x - m), sum((x - m)^2)); with m = 0 the first is sum(x)
+#   sum_grad(dy, x, m) -> (sum(dy), sum(dy * (x - m)))
+#   sum_grad_masked(dy, x, mask, m) -> the same with dy counted only where mask > 0
+
+UNROLL = 4  # independent vector accumulators per sum (hides the add latency)
+_VECTOR_BYTES = 64
+
+
+def _ir_check(*arrays):
+    dtype = arrays[0].dtype
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"):
+            raise errors.TypingError(f"run sums want 1-d C-contiguous arrays, got {a}")
+        if a.dtype != dtype or dtype not in (types.float32, types.float64):
+            raise errors.TypingError(f"run sums want float32 or float64 arrays, one dtype: {a}")
+    return dtype
+
+
+def _ir_fold(builder, vecs, scalar_type, width):
+    """Sum of all lanes of ``vecs``: lane-wise adds of the accumulators pairwise (0+1, 2+3,
+    then the results), then the lanes of that vector pairwise (halves added in a tree)."""
+    while len(vecs) > 1:
+        vecs = [builder.fadd(vecs[i], vecs[i + 1]) for i in range(0, len(vecs), 2)]
+    lanes = [builder.extract_element(vecs[0], ir.Constant(ir.IntType(32), j)) for j in range(width)]
+    while len(lanes) > 1:
+        half = len(lanes) // 2
+        lanes = [builder.fadd(lanes[j], lanes[j + half]) for j in range(half)]
+    return lanes[0]
+
+
+def _ir_loop(context, builder, arrays, m, scalar_type, body):
+    """The loop: ``body(builder, loads, m, ty)`` gives the two increments for loaded values
+    (vectors in the main loop, scalars in the tail). Returns the two sums."""
+    itemsize = 4 if isinstance(scalar_type, ir.FloatType) else 8
+    width = _VECTOR_BYTES // itemsize
+    step = width * UNROLL
+    vty = ir.VectorType(scalar_type, width)
+    intp = context.get_value_type(types.intp)
+    ptrs = [a.data for a in arrays]
+    n = arrays[0].nitems
+    nvec = builder.mul(builder.udiv(n, ir.Constant(intp, step)), ir.Constant(intp, step))
+
+    zero_v = ir.Constant(vty, None)
+    acc = [[cgutils.alloca_once_value(builder, zero_v) for _ in range(UNROLL)] for _ in range(2)]
+    m_v = cgutils.alloca_once_value(builder, ir.Constant(vty, None))
+    for j in range(width):
+        builder.store(
+            builder.insert_element(builder.load(m_v), m, ir.Constant(ir.IntType(32), j)), m_v
+        )
+    m_vec = builder.load(m_v)
+
+    with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nvec, ir.Constant(intp, step),
+                                 intp) as (i, _):  # fmt: skip
+        for u in range(UNROLL):
+            off = builder.add(i, ir.Constant(intp, u * width))
+            loads = []
+            for p in ptrs:
+                vp = builder.bitcast(builder.gep(p, [off]), vty.as_pointer())
+                loads.append(builder.load(vp, align=itemsize))
+            inc = body(builder, loads, m_vec, vty)
+            for q in range(2):
+                builder.store(builder.fadd(builder.load(acc[q][u]), inc[q]), acc[q][u])
+
+    tail = [cgutils.alloca_once_value(builder, ir.Constant(scalar_type, 0.0)) for _ in range(2)]
+    with cgutils.for_range_slice(builder, nvec, n, ir.Constant(intp, 1), intp) as (i, _):
+        loads = [builder.load(builder.gep(p, [i])) for p in ptrs]
+        inc = body(builder, loads, m, scalar_type)
+        for q in range(2):
+            builder.store(builder.fadd(builder.load(tail[q]), inc[q]), tail[q])
+
+    out = []
+    for q in range(2):
+        folded = _ir_fold(builder, [builder.load(a) for a in acc[q]], scalar_type, width)
+        out.append(builder.fadd(folded, builder.load(tail[q])))
+    return out
+
+
+def _ir_codegen(nargs, body):
+    def codegen(context, builder, sig, args):
+        arrays = [context.make_array(sig.args[k])(context, builder, args[k]) for k in range(nargs)]
+        scalar_type = context.get_value_type(sig.args[0].dtype)
+        s1, s2 = _ir_loop(context, builder, arrays, args[nargs], scalar_type, body)
+        return context.make_tuple(builder, sig.return_type, (s1, s2))
+
+    return codegen
+
+
+def _ir_centred(builder, loads, m, ty):
+    d = builder.fsub(loads[0], m)
+    return d, builder.fmul(d, d)
+
+
+def _ir_grad(builder, loads, m, ty):
+    g, x = loads
+    return g, builder.fmul(g, builder.fsub(x, m))
+
+
+def _ir_grad_masked(builder, loads, m, ty):
+    g, x, mask = loads
+    keep = builder.fcmp_ordered(">", mask, ir.Constant(ty, None))
+    g = builder.select(keep, g, ir.Constant(ty, None))
+    return g, builder.fmul(g, builder.fsub(x, m))
+
+
+@intrinsic
+def sum_centred(typingctx, x, m):
+    dtype = _ir_check(x)
+    return types.UniTuple(dtype, 2)(x, dtype), _ir_codegen(1, _ir_centred)
+
+
+@intrinsic
+def sum_grad(typingctx, dy, x, m):
+    dtype = _ir_check(dy, x)
+    return types.UniTuple(dtype, 2)(dy, x, dtype), _ir_codegen(2, _ir_grad)
+
+
+@intrinsic
+def sum_grad_masked(typingctx, dy, x, mask, m):
+    dtype = _ir_check(dy, x, mask)
+    return types.UniTuple(dtype, 2)(dy, x, mask, dtype), _ir_codegen(3, _ir_grad_masked)
+
+
 @njit(cache=True)
 def _merge(n, mean, m2, cnt, mean_k, m2_k):
     """Chan's update of (n, mean, m2) with a chunk of cnt values; all float64."""
@@ -90,7 +231,7 @@ def _segment_moments(x, C, B, c, a0, a1, lo, hi, shift, zero):
     A first sum gives a shift m in x's dtype (kept in the length-1 array ``shift``); then
     s1 = sum(x - m) and s2 = sum((x - m)^2) give the exact mean m + s1/n and the centred
     m2 = s2 - s1^2/n, whatever the data's offset from zero. Each row's run is one
-    ``_vecsum`` reduction, added in order in x's dtype."""
+    ``sum_centred`` reduction, added in order in x's dtype."""
     cnt = (a1 - a0) * (hi - lo)
     s = zero
     for a in range(a0, a1):
@@ -1088,28 +1229,47 @@ def cl_bwd_ser(
 # ------------------------------------------------------------- eval of small tensors, direct
 
 
-@njit(cache=True, error_model="numpy")
-def eval_small(x, y, A, C, B, mean, var, w, b, eps, relu):
-    """Eval from the running buffers in one call, for tensors under ``PARALLEL_MIN`` values
-    (where the per-call overhead is the cost): ``invstd = 1 / sqrt(var + eps)`` in x's
-    dtype, the arithmetic of ``_conventions.invstd_from_var`` (NumPy's float32 ops; inf where
-    ``var + eps == 0``, as torch), then the serial eval kernel that ``numba_cpu.normalize``
-    picks for this shape: the same bytes as the general path."""
+@njit(cache=True, inline="always")
+def _invstd_from_running(var, eps, x):
+    """``(invstd, zero)``: ``1 / sqrt(var + eps)`` in x's dtype, the arithmetic of
+    ``_conventions.invstd_from_var`` (NumPy's float32 ops: eps and 1 rounded to the dtype
+    first; inf where ``var + eps == 0``, as torch, under the callers' numpy error model)."""
     consts = np.empty(3, x.dtype)  # eps (a Python float) rounded to x's dtype, one, zero
     consts[0] = eps
     consts[1] = 1.0
     consts[2] = 0.0
-    eps_t, one, zero = consts[0], consts[1], consts[2]
-    invstd = np.empty(C, x.dtype)
-    for c in range(C):
+    eps_t, one = consts[0], consts[1]
+    invstd = np.empty(var.size, x.dtype)
+    for c in range(var.size):
         invstd[c] = one / np.sqrt(var[c] + eps_t)
-    res = x[:0]  # no residual
-    if B >= EVAL_TILED_B:
-        nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu)
-    elif B > 1:
-        nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu)
-    else:
-        cl_fwd_ser(x, y, res, A, C, mean, res, invstd, w, b, zero, False, True, relu)
+    return invstd, consts[2]
+
+
+# Eval from the running buffers in one call, for tensors under ``PARALLEL_MIN`` values (where
+# the per-call overhead is the cost): invstd, then the serial eval kernel that
+# ``numba_cpu.normalize`` picks for the shape, so the bytes are the general path's. One entry
+# per kernel, so a first call compiles only the one it needs.
+
+
+@njit(cache=True, error_model="numpy")
+def eval_small_runs(x, y, C, B, mean, var, w, b, eps, relu):
+    """NCHW runs of at least EVAL_TILED_B values."""
+    invstd, _ = _invstd_from_running(var, eps, x)
+    nchw_eval_ser(x, y, x[:0], C, B, mean, invstd, w, b, relu)
+
+
+@njit(cache=True, error_model="numpy")
+def eval_small_tiled(x, y, A, C, B, mean, var, w, b, eps, relu):
+    """NCHW runs shorter than EVAL_TILED_B."""
+    invstd, _ = _invstd_from_running(var, eps, x)
+    nchw_eval_tiled_ser(x, y, x[:0], A, C, B, mean, invstd, w, b, relu)
+
+
+@njit(cache=True, error_model="numpy")
+def eval_small_rows(x, y, A, C, mean, var, w, b, eps, relu):
+    """Channels-last and (N, C): rows of C interleaved channels."""
+    invstd, zero = _invstd_from_running(var, eps, x)
+    cl_fwd_ser(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, zero, False, True, relu)
 
 
 @njit(cache=True)

@@ -226,7 +226,7 @@ def eval_direct(
     """Eval of a small tensor from its running buffers in one kernel call, or None.
 
     The inference path of tiny tensors, where the per-call overhead is the whole cost: no
-    canonical view, no separate ``invstd`` (``K.eval_small`` computes it as
+    canonical view, no separate ``invstd`` (``K.eval_small_*`` compute it as
     ``invstd_from_var`` does), the same kernels and bytes as ``normalize``. Applies to
     float32/float64 tensors under ``PARALLEL_MIN`` values, NCHW-contiguous or channels-last,
     with contiguous buffers of x's dtype (the caller has validated shapes and dtypes);
@@ -239,10 +239,8 @@ def eval_direct(
         if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
             return None
     N, C = x.shape[0], x.shape[1]
-    if x.is_contiguous():
+    if x.is_contiguous():  # NCHW runs, or (N, C) rows
         A, B = N, n // (N * C)
-        if x.dim() == 2:  # (N, C): channels interleaved
-            A, B = N, 1
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
     elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
@@ -254,10 +252,14 @@ def eval_direct(
     else:
         return None
     acc = x.dtype
-    K.eval_small(
-        xf, yf, A, C, B, running_mean.numpy(force=True), running_var.numpy(force=True),
-        _arr(weight, acc), _arr(bias, acc), float(eps), bool(relu),
-    )  # fmt: skip
+    stats = (running_mean.numpy(force=True), running_var.numpy(force=True))
+    affine = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu))
+    if B >= K.EVAL_TILED_B:
+        K.eval_small_runs(xf, yf, C, B, *stats, *affine)
+    elif B > 1:
+        K.eval_small_tiled(xf, yf, A, C, B, *stats, *affine)
+    else:
+        K.eval_small_rows(xf, yf, A, C, *stats, *affine)
     return y
 
 
