@@ -486,3 +486,15 @@ def test_training_calls_use_the_backends_running_update(monkeypatch):
     assert calls == [1]
     assert_close(rm, want_rm, torch.float32)
     assert_close(rv, want_rv, torch.float32)
+
+
+def test_running_update_on_strided_buffers():
+    from batchnorm import _conventions
+
+    g = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g)
+    ours = [torch.randn(10, generator=g)[::2], torch.rand(10, generator=g)[::2]]  # views
+    want = [t.clone() for t in ours]
+    nb.update_running_stats(*ours, mean, var, 7, 0.1)
+    _conventions.update_running_stats(*want, mean, var, 7, 0.1)
+    assert [_bytes(t) for t in ours] == [_bytes(t) for t in want]

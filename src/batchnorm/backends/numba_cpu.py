@@ -165,23 +165,24 @@ def update_running_stats(
     factor: float,
 ) -> None:
     """``_conventions.update_running_stats`` in one numba call (``K.update_running``: the same
-    bytes as its NumPy path, a few microseconds less per training call) when all four are
-    contiguous CPU tensors of one native dtype; otherwise the conventions' own code."""
-    ts = (running_mean, running_var, mean, var)
+    bytes as its NumPy path, a few microseconds less per training call) when all four are CPU
+    tensors (this backend's precondition) of one native dtype outside any graph; otherwise the
+    conventions' own code. (Plain checks, no generator: this runs on every training call.)"""
     dtype = running_mean.dtype
     if (
         count < 2
         or dtype not in _NATIVE
-        or not all(
-            t.dtype == dtype
-            and t.is_contiguous()
-            and not t.requires_grad
-            and t.device.type == "cpu"
-            for t in ts
-        )
+        or not running_var.dtype == mean.dtype == var.dtype == dtype
+        or running_mean.requires_grad
+        or running_var.requires_grad
+        or mean.requires_grad
+        or var.requires_grad
     ):
-        return conventions.update_running_stats(*ts, count, factor)
-    K.update_running(*(t.numpy() for t in ts), float(factor), count / (count - 1))
+        return conventions.update_running_stats(running_mean, running_var, mean, var, count, factor)
+    K.update_running(
+        running_mean.numpy(), running_var.numpy(), mean.numpy(), var.numpy(), float(factor),
+        count / (count - 1),
+    )  # fmt: skip
     increment_version(running_mean)
     increment_version(running_var)
 
