@@ -64,13 +64,8 @@ def like_canonical(t: Tensor, layout: Layout) -> Tensor:
     """Another tensor of the input's shape (dy, a residual) in the same canonical view,
     copied only if its strides differ from the input's."""
     if layout.channels_last and t.dim() > 2:
-        perm = (0, *range(2, t.dim()), 1)
-        return layout.to_canonical(t.permute(perm).contiguous().permute(_inverse(perm)))
+        nhwc = t.permute(0, *range(2, t.dim()), 1)  # (N, *spatial, C): the memory order
+        if not nhwc.is_contiguous():
+            nhwc = nhwc.contiguous()
+        return nhwc.reshape(-1, layout.shape[1], 1)
     return layout.to_canonical(t.contiguous())
-
-
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
