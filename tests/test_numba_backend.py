@@ -370,7 +370,7 @@ def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
     assert all(abs(float(a) - b) <= tol * s for a, b, s in zip(got, exact, scale))
 
 
-# --- eval of small tensors: one direct kernel call, the general path's bytes ---------------
+# --- eval without a gradient: one direct kernel call, the general path's bytes ------------
 
 DIRECT = [
     ((7, 5), False),  # (N, C)
@@ -382,6 +382,11 @@ DIRECT = [
     ((2, 13, 3, 5, 2), False),  # 3d, primes
     ((2, 13, 3, 5, 2), True),
     ((8, 32, 3, 3), True),
+    # over numba_cpu.PARALLEL_MIN: the parallel kernels
+    ((3, 7, 61, 67), False),  # long runs
+    ((300, 5, 7, 7), False),  # short runs: the tiled kernel
+    ((9, 37, 17, 19), True),  # channels-last rows
+    ((20000, 4), False),  # (N, C) rows
 ]
 
 
@@ -426,7 +431,6 @@ def test_eval_direct_declines_what_it_does_not_do():
     C = 3
     rm, rv = torch.zeros(C), torch.ones(C)
     assert nb.eval_direct(torch.randn(4, C, 5).bfloat16(), rm, rv, None, None, 1e-5, False) is None
-    assert nb.eval_direct(torch.randn(64, C, 400), rm, rv, None, None, 1e-5, False) is None
     assert nb.eval_direct(torch.randn(4, C, 10)[:, :, ::2], rm, rv, None, None, 1e-5, False) is None
     assert nb.eval_direct(torch.randn(4, C, 5), rm, torch.ones(2 * C)[::2], None, None, 1e-5,
                           False) is None  # fmt: skip

@@ -1245,31 +1245,48 @@ def _invstd_from_running(var, eps, x):
     return invstd, consts[2]
 
 
-# Eval from the running buffers in one call, for tensors under ``PARALLEL_MIN`` values (where
-# the per-call overhead is the cost): invstd, then the serial eval kernel that
-# ``numba_cpu.normalize`` picks for the shape, so the bytes are the general path's. One entry
-# per kernel, so a first call compiles only the one it needs.
+# Eval from the running buffers in one call (``numba_cpu.eval_direct``): invstd, then the eval
+# kernel that ``numba_cpu.normalize`` picks for the shape and size, so the bytes are the
+# general path's. One entry per kernel, so a first call compiles only the one it needs.
 
 
 @njit(cache=True, error_model="numpy")
-def eval_small_runs(x, y, C, B, mean, var, w, b, eps, relu):
+def eval_runs_ser(x, y, C, B, mean, var, w, b, eps, relu):
     """NCHW runs of at least EVAL_TILED_B values."""
     invstd, _ = _invstd_from_running(var, eps, x)
     nchw_eval_ser(x, y, x[:0], C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_small_tiled(x, y, A, C, B, mean, var, w, b, eps, relu):
+def eval_runs_par(x, y, C, B, mean, var, w, b, eps, relu):
+    invstd, _ = _invstd_from_running(var, eps, x)
+    nchw_eval_par(x, y, x[:0], C, B, mean, invstd, w, b, relu)
+
+
+@njit(cache=True, error_model="numpy")
+def eval_tiled_ser(x, y, A, C, B, mean, var, w, b, eps, relu):
     """NCHW runs shorter than EVAL_TILED_B."""
     invstd, _ = _invstd_from_running(var, eps, x)
     nchw_eval_tiled_ser(x, y, x[:0], A, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_small_rows(x, y, A, C, mean, var, w, b, eps, relu):
+def eval_tiled_par(x, y, A, C, B, mean, var, w, b, eps, relu):
+    invstd, _ = _invstd_from_running(var, eps, x)
+    nchw_eval_tiled_par(x, y, x[:0], A, C, B, mean, invstd, w, b, relu)
+
+
+@njit(cache=True, error_model="numpy")
+def eval_rows_ser(x, y, A, C, mean, var, w, b, eps, relu):
     """Channels-last and (N, C): rows of C interleaved channels."""
     invstd, zero = _invstd_from_running(var, eps, x)
     cl_fwd_ser(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, zero, False, True, relu)
+
+
+@njit(cache=True, error_model="numpy")
+def eval_rows_par(x, y, A, C, mean, var, w, b, eps, relu):
+    invstd, zero = _invstd_from_running(var, eps, x)
+    cl_fwd_par(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, zero, False, True, relu)
 
 
 @njit(cache=True)

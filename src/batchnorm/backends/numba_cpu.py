@@ -224,17 +224,18 @@ def eval_direct(
     eps: float,
     relu: bool,
 ) -> Tensor | None:
-    """Eval of a small tensor from its running buffers in one kernel call, or None.
+    """Eval from the running buffers in one kernel call, or None.
 
-    The inference path of tiny tensors, where the per-call overhead is the whole cost: no
-    canonical view, no separate ``invstd`` (``K.eval_small_*`` compute it as
-    ``invstd_from_var`` does), the same kernels and bytes as ``normalize``. Applies to
-    float32/float64 tensors under ``PARALLEL_MIN`` values, NCHW-contiguous or channels-last,
-    with contiguous buffers of x's dtype (the caller has validated shapes and dtypes);
-    returns None otherwise, and the general path runs.
+    The inference path (no gradient wanted, no residual): no canonical view, no separate
+    ``invstd`` (``K.eval_*`` compute it as ``invstd_from_var`` does), the same kernels and
+    bytes as ``normalize``. Every Python layer costs, and more so right after a big tensor has
+    streamed through the caches (a layer that takes 2 us warm was seen to take 15-50 us
+    then), so this path keeps few. Applies to float32/float64 tensors, NCHW-contiguous or
+    channels-last, with contiguous buffers of x's dtype (the caller has validated shapes and
+    dtypes); returns None otherwise, and the general path runs.
     """
     n = x.numel()
-    if n == 0 or n >= PARALLEL_MIN or x.dtype not in _NATIVE:
+    if n == 0 or x.dtype not in _NATIVE:
         return None
     for t in (running_mean, running_var, weight, bias):
         if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
@@ -255,12 +256,13 @@ def eval_direct(
     acc = x.dtype
     stats = (running_mean.numpy(force=True), running_var.numpy(force=True))
     affine = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu))
+    par = _threads_for(n)
     if B >= K.EVAL_TILED_B:
-        K.eval_small_runs(xf, yf, C, B, *stats, *affine)
+        (K.eval_runs_par if par else K.eval_runs_ser)(xf, yf, C, B, *stats, *affine)
     elif B > 1:
-        K.eval_small_tiled(xf, yf, A, C, B, *stats, *affine)
+        (K.eval_tiled_par if par else K.eval_tiled_ser)(xf, yf, A, C, B, *stats, *affine)
     else:
-        K.eval_small_rows(xf, yf, A, C, *stats, *affine)
+        (K.eval_rows_par if par else K.eval_rows_ser)(xf, yf, A, C, *stats, *affine)
     return y
 
 
