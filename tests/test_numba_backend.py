@@ -484,7 +484,8 @@ def test_training_calls_use_the_backends_running_update(monkeypatch):
     monkeypatch.setattr(nb, "update_running_stats", lambda *a: calls.append(1) or real(*a))
     rm, rv = torch.zeros(4), torch.ones(4)
     x = make_input((6, 4, 5))
-    BF.batch_norm(x, rm, rv, training=True, backend="numba")
+    # an input that wants a gradient takes the general path (without one: train_direct)
+    BF.batch_norm(x.clone().requires_grad_(True), rm, rv, training=True, backend="numba")
     want_rm, want_rv = torch.zeros(4), torch.ones(4)
     torch.nn.functional.batch_norm(x, want_rm, want_rv, training=True)
     assert calls == [1]
@@ -502,3 +503,41 @@ def test_running_update_on_strided_buffers():
     nb.update_running_stats(*ours, mean, var, 7, 0.1)
     _conventions.update_running_stats(*want, mean, var, 7, 0.1)
     assert [_bytes(t) for t in ours] == [_bytes(t) for t in want]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", NATIVE)
+@pytest.mark.parametrize("case", DIRECT, ids=_case_id)
+def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum, monkeypatch):
+    shape, cl = case
+    C = shape[1]
+    x = make_input(shape, dtype=dtype, channels_last=cl)
+    weight, bias = _params(C, dtype)
+    act = "relu" if relu else None
+
+    def run(inp):
+        g = torch.Generator().manual_seed(11)
+        rm, rv = torch.randn(C, generator=g, dtype=dtype), torch.rand(C, generator=g, dtype=dtype)
+        nbt = torch.tensor(4)
+        y = BF.batch_norm(inp, rm, rv, weight, bias, True, momentum, 1e-5, activation=act,
+                          num_batches_tracked=nbt, backend="numba")  # fmt: skip
+        return y.detach(), rm, rv, nbt
+
+    calls = []
+    real = nb.train_direct
+    monkeypatch.setattr(nb, "train_direct", lambda *a: calls.append(1) or real(*a))
+    direct = run(x)
+    general = run(x.clone().requires_grad_(True))  # a graph to record: the general path
+    assert calls == [1]  # the first call only
+    assert direct[0].stride() == general[0].stride()
+    assert [_bytes(t) for t in direct[:3]] == [_bytes(t) for t in general[:3]]
+    assert int(direct[3]) == int(general[3]) == 5
+
+
+def test_train_direct_without_running_stats(monkeypatch):
+    x = make_input((6, 4, 5))
+    y = BF.batch_norm(x, None, None, training=True, backend="numba")
+    want = BF.batch_norm(x.clone().requires_grad_(True), None, None, training=True,
+                         backend="numba").detach()  # fmt: skip
+    assert _bytes(y) == _bytes(want)

@@ -79,14 +79,10 @@ def batch_norm(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, residual)
     )
-    if not use_batch_stats and not needs_grad and residual is None:
-        # inference: a backend may do small tensors in one call (same bytes)
-        direct = getattr(kernel, "eval_direct", None)
-        y = (
-            None
-            if direct is None
-            else direct(input, running_mean, running_var, weight, bias, eps, relu)
-        )
+    if not needs_grad and residual is None:
+        # no graph to record: a backend may do the whole call in one kernel (same bytes)
+        y = _direct(kernel, input, running_mean, running_var, weight, bias, use_batch_stats,
+                    update, momentum, eps, num_batches_tracked, relu)  # fmt: skip
         if y is not None:
             return y
 
@@ -110,6 +106,26 @@ def batch_norm(
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         update_stats = getattr(kernel, "update_running_stats", update_running_stats)
         update_stats(running_mean, running_var, mean, var, count, factor)
+    return y
+
+
+def _direct(kernel, x, running_mean, running_var, weight, bias, use_batch_stats, update,
+            momentum, eps, num_batches_tracked, relu) -> Tensor | None:  # fmt: skip
+    """The backend's one-call path (``eval_direct`` / ``train_direct``), or None."""
+    if not use_batch_stats:
+        direct = getattr(kernel, "eval_direct", None)
+        return None if direct is None else direct(x, running_mean, running_var, weight, bias,
+                                                  eps, relu)  # fmt: skip
+    direct = getattr(kernel, "train_direct", None)
+    if direct is None:
+        return None
+    factor = 0.0
+    if update:  # momentum_factor's rule, num_batches_tracked not bumped yet
+        factor = float(momentum) if momentum is not None else 1.0 / (float(num_batches_tracked) + 1)
+    buffers = (running_mean, running_var) if update else (None, None)
+    y = direct(x, weight, bias, eps, relu, *buffers, factor)
+    if y is not None and update and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return y
 
 

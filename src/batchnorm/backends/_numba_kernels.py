@@ -1303,3 +1303,50 @@ def update_running(rm, rv, mean, var, factor, unbias):
     for c in range(rm.size):
         rm[c] = rm[c] * keep + f * mean[c]
         rv[c] = rv[c] * keep + f * (var[c] * u)
+
+
+# Training forward without a gradient in one call (``numba_cpu.train_direct``): the statistics
+# and the normalisation of ``nchw_fwd_*`` / ``cl_fwd_*``, then ``update_running`` on the
+# running buffers (empty: none): the general path's kernels, arithmetic and bytes.
+
+
+@njit(cache=True)
+def _in_dtype(x, v):
+    """The Python float v rounded to x's dtype (as NumPy's ``np.float32(v)``)."""
+    k = np.empty(1, x.dtype)
+    k[0] = v
+    return k[0]
+
+
+@njit(cache=True)
+def train_runs_ser(x, y, A, C, B, w, b, eps, relu, rm, rv, factor, unbias):
+    st = np.empty((3, C), x.dtype)  # mean, var, invstd
+    nchw_fwd_ser(x, y, x[:0], A, C, B, st[0], st[1], st[2], w, b, _in_dtype(x, eps), True, True,
+                 relu)  # fmt: skip
+    if rm.size > 0:
+        update_running(rm, rv, st[0], st[1], factor, unbias)
+
+
+@njit(cache=True)
+def train_runs_par(x, y, A, C, B, w, b, eps, relu, rm, rv, factor, unbias):
+    st = np.empty((3, C), x.dtype)
+    nchw_fwd_par(x, y, x[:0], A, C, B, st[0], st[1], st[2], w, b, _in_dtype(x, eps), True, True,
+                 relu)  # fmt: skip
+    if rm.size > 0:
+        update_running(rm, rv, st[0], st[1], factor, unbias)
+
+
+@njit(cache=True)
+def train_rows_ser(x, y, A, C, w, b, eps, relu, rm, rv, factor, unbias):
+    st = np.empty((3, C), x.dtype)
+    cl_fwd_ser(x, y, x[:0], A, C, st[0], st[1], st[2], w, b, _in_dtype(x, eps), True, True, relu)
+    if rm.size > 0:
+        update_running(rm, rv, st[0], st[1], factor, unbias)
+
+
+@njit(cache=True)
+def train_rows_par(x, y, A, C, w, b, eps, relu, rm, rv, factor, unbias):
+    st = np.empty((3, C), x.dtype)
+    cl_fwd_par(x, y, x[:0], A, C, st[0], st[1], st[2], w, b, _in_dtype(x, eps), True, True, relu)
+    if rm.size > 0:
+        update_running(rm, rv, st[0], st[1], factor, unbias)

@@ -215,6 +215,29 @@ def _stats_only(x3: Tensor):
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def _direct_io(x: Tensor, buffers) -> tuple | None:
+    """For the one-call paths: ``(A, C, B, y, xf, yf)`` with y a new tensor in x's memory
+    format and xf, yf flat NumPy views in memory order; None when x is not a float32/float64
+    tensor, NCHW-contiguous or channels-last, with contiguous ``buffers`` of its dtype (no
+    gradient), or is empty."""
+    n = x.numel()
+    if n == 0 or x.dtype not in _NATIVE:
+        return None
+    for t in buffers:
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.requires_grad):
+            return None
+    N, C = x.shape[0], x.shape[1]
+    if x.is_contiguous():  # NCHW runs, or (N, C) rows
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return N, C, n // (N * C), y, x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
+    if x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
+        y = torch.empty_like(x, memory_format=_CHANNELS_LAST[x.dim()])
+        perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
+        xf = x.permute(perm).numpy(force=True).reshape(-1)
+        return n // C, C, 1, y, xf, y.permute(perm).numpy().reshape(-1)
+    return None
+
+
 def eval_direct(
     x: Tensor,
     running_mean: Tensor,
@@ -234,35 +257,57 @@ def eval_direct(
     channels-last, with contiguous buffers of x's dtype (the caller has validated shapes and
     dtypes); returns None otherwise, and the general path runs.
     """
-    n = x.numel()
-    if n == 0 or x.dtype not in _NATIVE:
+    io = _direct_io(x, (running_mean, running_var, weight, bias))
+    if io is None:
         return None
-    for t in (running_mean, running_var, weight, bias):
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
-            return None
-    N, C = x.shape[0], x.shape[1]
-    if x.is_contiguous():  # NCHW runs, or (N, C) rows
-        A, B = N, n // (N * C)
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
-    elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
-        A, B = n // C, 1
-        y = torch.empty_like(x, memory_format=_CHANNELS_LAST[x.dim()])
-        perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
-        xf = x.permute(perm).numpy(force=True).reshape(-1)
-        yf = y.permute(perm).numpy().reshape(-1)
-    else:
-        return None
+    A, C, B, y, xf, yf = io
     acc = x.dtype
     stats = (running_mean.numpy(force=True), running_var.numpy(force=True))
     affine = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu))
-    par = _threads_for(n)
+    par = _threads_for(xf.size)
     if B >= K.EVAL_TILED_B:
         (K.eval_runs_par if par else K.eval_runs_ser)(xf, yf, C, B, *stats, *affine)
     elif B > 1:
         (K.eval_tiled_par if par else K.eval_tiled_ser)(xf, yf, A, C, B, *stats, *affine)
     else:
         (K.eval_rows_par if par else K.eval_rows_ser)(xf, yf, A, C, *stats, *affine)
+    return y
+
+
+def train_direct(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    factor: float,
+) -> Tensor | None:
+    """Training forward without a gradient in one kernel call, or None: batch statistics,
+    normalisation and, with buffers, the running update (``factor`` is the momentum factor;
+    the caller bumps ``num_batches_tracked``). The same kernels and bytes as
+    ``forward_train`` followed by ``update_running_stats``, minus their Python layers (see
+    ``eval_direct``); the same conditions, and None when the general path must run."""
+    io = _direct_io(x, (running_mean, running_var, weight, bias))
+    if io is None:
+        return None
+    A, C, B, y, xf, yf = io
+    acc = x.dtype
+    count = xf.size // C
+    update = running_mean is not None
+    rm = running_mean.numpy() if update else _EMPTY[acc]
+    rv = running_var.numpy() if update else _EMPTY[acc]
+    args = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu), rm, rv, float(factor),
+            count / (count - 1))  # fmt: skip
+    par = _threads_for(xf.size)
+    if B > 1:
+        (K.train_runs_par if par else K.train_runs_ser)(xf, yf, A, C, B, *args)
+    else:
+        (K.train_rows_par if par else K.train_rows_ser)(xf, yf, A, C, *args)
+    if update:
+        increment_version(running_mean)
+        increment_version(running_var)
     return y
 
 
