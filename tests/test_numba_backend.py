@@ -522,7 +522,10 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
         nbt = torch.tensor(4)
         y = BF.batch_norm(inp, rm, rv, weight, bias, True, momentum, 1e-5, activation=act,
                           num_batches_tracked=nbt, backend="numba")  # fmt: skip
+        versions.append([t._version for t in (rm, rv, nbt)])  # autograd sees the same bumps
         return y.detach(), rm, rv, nbt
+
+    versions = []
 
     calls = []
     real = nb.train_direct
@@ -533,11 +536,55 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
     assert direct[0].stride() == general[0].stride()
     assert [_bytes(t) for t in direct[:3]] == [_bytes(t) for t in general[:3]]
     assert int(direct[3]) == int(general[3]) == 5
+    assert versions[0] == versions[1]
 
 
 def test_train_direct_without_running_stats(monkeypatch):
+    calls = []
+    real = nb.train_direct
+    monkeypatch.setattr(nb, "train_direct", lambda *a: calls.append(1) or real(*a))
     x = make_input((6, 4, 5))
     y = BF.batch_norm(x, None, None, training=True, backend="numba")
+    assert calls == [1]
     want = BF.batch_norm(x.clone().requires_grad_(True), None, None, training=True,
                          backend="numba").detach()  # fmt: skip
     assert _bytes(y) == _bytes(want)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_modules_with_parameters_take_the_one_call_paths_without_grad(mode, monkeypatch):
+    import batchnorm
+
+    calls = []
+    for name in ("train_direct", "eval_direct"):
+        real = getattr(nb, name)
+        monkeypatch.setattr(nb, name, lambda *a, real=real, name=name: calls.append(name)
+                            or real(*a))  # fmt: skip
+    ours, ref = batchnorm.BatchNorm2d(6, momentum=None), torch.nn.BatchNorm2d(6, momentum=None)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        for step in range(3):
+            x = make_input((4, 6, 5, 5), seed=step)
+            assert_close(ours(x), ref(x), torch.float32)
+        ours.eval(), ref.eval()
+        x = make_input((4, 6, 5, 5), seed=9)
+        assert_close(ours(x), ref(x), torch.float32)
+    assert calls == ["train_direct"] * 3 + ["eval_direct"]
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(ours, name), getattr(ref, name), torch.float32)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+
+
+def test_a_failing_direct_call_leaves_the_running_buffers_as_torch_does():
+    import batchnorm
+
+    with torch.inference_mode():  # buffers that cannot be updated outside inference mode
+        ours = batchnorm.BatchNorm2d(3, affine=False)
+        ref = torch.nn.BatchNorm2d(3, affine=False)
+    before = [t.clone() for t in (ours.running_mean, ours.running_var)]
+    x = make_input((4, 3, 5, 5))
+    for m in (ours, ref):  # the num_batches_tracked bump raises (after counting, in torch)
+        with pytest.raises(RuntimeError, match="[Ii]nference"):
+            m(x)
+    assert [_bytes(t) for t in (ours.running_mean, ours.running_var)] == [_bytes(t) for t in before]
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)

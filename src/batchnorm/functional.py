@@ -119,14 +119,10 @@ def _direct(kernel, x, running_mean, running_var, weight, bias, use_batch_stats,
     direct = getattr(kernel, "train_direct", None)
     if direct is None:
         return None
-    factor = 0.0
-    if update:  # momentum_factor's rule, num_batches_tracked not bumped yet
-        factor = float(momentum) if momentum is not None else 1.0 / (float(num_batches_tracked) + 1)
-    buffers = (running_mean, running_var) if update else (None, None)
-    y = direct(x, weight, bias, eps, relu, *buffers, factor)
-    if y is not None and update and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    return y
+    if not update:
+        running_mean = running_var = num_batches_tracked = None
+    return direct(x, weight, bias, eps, relu, running_mean, running_var, momentum,
+                  num_batches_tracked)  # fmt: skip
 
 
 def _constant(t: Tensor, dtype: torch.dtype) -> Tensor:

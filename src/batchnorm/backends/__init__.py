@@ -18,6 +18,10 @@ each must give the general path's bytes):
 
 * ``eval_direct(x, running_mean, running_var, weight, bias, eps, relu) -> y or None``: eval of
   the user's tensor in one call, or None when the general path must run;
+* ``train_direct(x, weight, bias, eps, relu, running_mean, running_var, momentum,
+  num_batches_tracked) -> y or None``: training forward without a gradient in one call,
+  running update and ``num_batches_tracked`` included (in the general path's order), or None
+  (nothing touched);
 * ``update_running_stats(running_mean, running_var, mean, var, count, factor)``: the
   running-statistics update of ``_conventions``, in place.
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from .. import _conventions as conventions
-from .._conventions import HALF_DTYPES, acc_dtype, invstd_from_var
+from .._conventions import HALF_DTYPES, acc_dtype, invstd_from_var, momentum_factor
 from . import _numba_kernels as K
 
 name = "numba"
@@ -215,23 +215,29 @@ def _stats_only(x3: Tensor):
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _direct_io(x: Tensor, buffers) -> tuple | None:
+def _direct_io(x: Tensor, read, written=()) -> tuple | None:
     """For the one-call paths: ``(A, C, B, y, xf, yf)`` with y a new tensor in x's memory
-    format and xf, yf flat NumPy views in memory order; None when x is not a float32/float64
-    tensor, NCHW-contiguous or channels-last, with contiguous ``buffers`` of its dtype (no
-    gradient), or is empty."""
+    format and xf, yf flat NumPy views in memory order; None when x is empty or not a
+    float32/float64 tensor, NCHW-contiguous or channels-last, or a tensor in ``read`` or
+    ``written`` is not contiguous of x's dtype, or one in ``written`` (updated in place
+    through NumPy) requires grad. (Those in ``read`` are read as ``_arr`` reads them, so
+    Parameters that require grad are fine: no graph is recorded on this path.)"""
     n = x.numel()
     if n == 0 or x.dtype not in _NATIVE:
         return None
-    for t in buffers:
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.requires_grad):
+    for t in (*read, *written):
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
+            return None
+    for t in written:
+        if t is not None and t.requires_grad:
             return None
     N, C = x.shape[0], x.shape[1]
     if x.is_contiguous():  # NCHW runs, or (N, C) rows
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        # torch.empty, not empty_like: a plain tensor, as the general path returns
+        y = torch.empty(x.shape, dtype=x.dtype)
         return N, C, n // (N * C), y, x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
     if x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
-        y = torch.empty_like(x, memory_format=_CHANNELS_LAST[x.dim()])
+        y = torch.empty(x.shape, dtype=x.dtype, memory_format=_CHANNELS_LAST[x.dim()])
         perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
         xf = x.permute(perm).numpy(force=True).reshape(-1)
         return n // C, C, 1, y, xf, y.permute(perm).numpy().reshape(-1)
@@ -282,20 +288,28 @@ def train_direct(
     relu: bool,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    factor: float,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
 ) -> Tensor | None:
     """Training forward without a gradient in one kernel call, or None: batch statistics,
-    normalisation and, with buffers, the running update (``factor`` is the momentum factor;
-    the caller bumps ``num_batches_tracked``). The same kernels and bytes as
-    ``forward_train`` followed by ``update_running_stats``, minus their Python layers (see
-    ``eval_direct``); the same conditions, and None when the general path must run."""
-    io = _direct_io(x, (running_mean, running_var, weight, bias))
+    normalisation and, with running buffers, their update. The same kernels and bytes as
+    ``forward_train`` then ``update_running_stats``, minus their Python layers (see
+    ``eval_direct``), and the general path's order of side effects: once this path applies,
+    ``num_batches_tracked`` is bumped and the momentum factor taken (``momentum_factor``)
+    before the buffers move, so a bump that fails leaves them untouched. None (nothing
+    touched) when the general path must run."""
+    io = _direct_io(x, (weight, bias), (running_mean, running_var))
     if io is None:
         return None
     A, C, B, y, xf, yf = io
     acc = x.dtype
     count = xf.size // C
     update = running_mean is not None
+    factor = 0.0
+    if update:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum_factor(momentum, num_batches_tracked)
     rm = running_mean.numpy() if update else _EMPTY[acc]
     rv = running_var.numpy() if update else _EMPTY[acc]
     args = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu), rm, rv, float(factor),
