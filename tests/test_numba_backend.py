@@ -394,6 +394,16 @@ def _bytes(t):
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _spy(monkeypatch, *names) -> list:
+    """Wrap these numba_cpu functions so that each call appends its name; returns the list."""
+    calls = []
+    for name in names:
+        real = getattr(nb, name)
+        monkeypatch.setattr(nb, name, lambda *a, real=real, name=name: calls.append(name)
+                            or real(*a))  # fmt: skip
+    return calls
+
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", NATIVE)
@@ -479,16 +489,14 @@ def test_running_update_falls_back_for_mixed_dtypes(monkeypatch):
 
 
 def test_training_calls_use_the_backends_running_update(monkeypatch):
-    calls = []
-    real = nb.update_running_stats
-    monkeypatch.setattr(nb, "update_running_stats", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch, "update_running_stats")
     rm, rv = torch.zeros(4), torch.ones(4)
     x = make_input((6, 4, 5))
     # an input that wants a gradient takes the general path (without one: train_direct)
     BF.batch_norm(x.clone().requires_grad_(True), rm, rv, training=True, backend="numba")
     want_rm, want_rv = torch.zeros(4), torch.ones(4)
     torch.nn.functional.batch_norm(x, want_rm, want_rv, training=True)
-    assert calls == [1]
+    assert calls == ["update_running_stats"]
     assert_close(rm, want_rm, torch.float32)
     assert_close(rv, want_rv, torch.float32)
 
@@ -527,12 +535,10 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
 
     versions = []
 
-    calls = []
-    real = nb.train_direct
-    monkeypatch.setattr(nb, "train_direct", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch, "train_direct")
     direct = run(x)
     general = run(x.clone().requires_grad_(True))  # a graph to record: the general path
-    assert calls == [1]  # the first call only
+    assert calls == ["train_direct"]  # the first call only
     assert direct[0].stride() == general[0].stride()
     assert [_bytes(t) for t in direct[:3]] == [_bytes(t) for t in general[:3]]
     assert int(direct[3]) == int(general[3]) == 5
@@ -540,12 +546,10 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
 
 
 def test_train_direct_without_running_stats(monkeypatch):
-    calls = []
-    real = nb.train_direct
-    monkeypatch.setattr(nb, "train_direct", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch, "train_direct")
     x = make_input((6, 4, 5))
     y = BF.batch_norm(x, None, None, training=True, backend="numba")
-    assert calls == [1]
+    assert calls == ["train_direct"]
     want = BF.batch_norm(x.clone().requires_grad_(True), None, None, training=True,
                          backend="numba").detach()  # fmt: skip
     assert _bytes(y) == _bytes(want)
@@ -555,11 +559,7 @@ def test_train_direct_without_running_stats(monkeypatch):
 def test_modules_with_parameters_take_the_one_call_paths_without_grad(mode, monkeypatch):
     import batchnorm
 
-    calls = []
-    for name in ("train_direct", "eval_direct"):
-        real = getattr(nb, name)
-        monkeypatch.setattr(nb, name, lambda *a, real=real, name=name: calls.append(name)
-                            or real(*a))  # fmt: skip
+    calls = _spy(monkeypatch, "train_direct", "eval_direct")
     ours, ref = batchnorm.BatchNorm2d(6, momentum=None), torch.nn.BatchNorm2d(6, momentum=None)
     ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
     with ctx():

@@ -1226,23 +1226,27 @@ def cl_bwd_ser(
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
 
 
-# ------------------------------------------------------------- eval of small tensors, direct
+# -------------------------------------------- one call for a whole call without a gradient
+
+
+@njit(cache=True)
+def _in_dtype(x, v):
+    """The Python float v rounded to x's dtype (as NumPy's ``np.float32(v)``)."""
+    k = np.empty(1, x.dtype)
+    k[0] = v
+    return k[0]
 
 
 @njit(cache=True, inline="always")
 def _invstd_from_running(var, eps, x):
-    """``(invstd, zero)``: ``1 / sqrt(var + eps)`` in x's dtype, the arithmetic of
-    ``_conventions.invstd_from_var`` (NumPy's float32 ops: eps and 1 rounded to the dtype
-    first; inf where ``var + eps == 0``, as torch, under the callers' numpy error model)."""
-    consts = np.empty(3, x.dtype)  # eps (a Python float) rounded to x's dtype, one, zero
-    consts[0] = eps
-    consts[1] = 1.0
-    consts[2] = 0.0
-    eps_t, one = consts[0], consts[1]
+    """``1 / sqrt(var + eps)`` in x's dtype, the arithmetic of ``_conventions.invstd_from_var``
+    (NumPy's float32 ops: eps and 1 rounded to the dtype first; inf where ``var + eps == 0``,
+    as torch, under the callers' numpy error model)."""
+    eps_t, one = _in_dtype(x, eps), _in_dtype(x, 1.0)
     invstd = np.empty(var.size, x.dtype)
     for c in range(var.size):
         invstd[c] = one / np.sqrt(var[c] + eps_t)
-    return invstd, consts[2]
+    return invstd
 
 
 # Eval from the running buffers in one call (``numba_cpu.eval_direct``): invstd, then the eval
@@ -1253,40 +1257,42 @@ def _invstd_from_running(var, eps, x):
 @njit(cache=True, error_model="numpy")
 def eval_runs_ser(x, y, C, B, mean, var, w, b, eps, relu):
     """NCHW runs of at least EVAL_TILED_B values."""
-    invstd, _ = _invstd_from_running(var, eps, x)
+    invstd = _invstd_from_running(var, eps, x)
     nchw_eval_ser(x, y, x[:0], C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
 def eval_runs_par(x, y, C, B, mean, var, w, b, eps, relu):
-    invstd, _ = _invstd_from_running(var, eps, x)
+    invstd = _invstd_from_running(var, eps, x)
     nchw_eval_par(x, y, x[:0], C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
 def eval_tiled_ser(x, y, A, C, B, mean, var, w, b, eps, relu):
     """NCHW runs shorter than EVAL_TILED_B."""
-    invstd, _ = _invstd_from_running(var, eps, x)
+    invstd = _invstd_from_running(var, eps, x)
     nchw_eval_tiled_ser(x, y, x[:0], A, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
 def eval_tiled_par(x, y, A, C, B, mean, var, w, b, eps, relu):
-    invstd, _ = _invstd_from_running(var, eps, x)
+    invstd = _invstd_from_running(var, eps, x)
     nchw_eval_tiled_par(x, y, x[:0], A, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
 def eval_rows_ser(x, y, A, C, mean, var, w, b, eps, relu):
     """Channels-last and (N, C): rows of C interleaved channels."""
-    invstd, zero = _invstd_from_running(var, eps, x)
-    cl_fwd_ser(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, zero, False, True, relu)
+    invstd = _invstd_from_running(var, eps, x)
+    cl_fwd_ser(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, _in_dtype(x, 0.0), False, True,
+               relu)  # fmt: skip
 
 
 @njit(cache=True, error_model="numpy")
 def eval_rows_par(x, y, A, C, mean, var, w, b, eps, relu):
-    invstd, zero = _invstd_from_running(var, eps, x)
-    cl_fwd_par(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, zero, False, True, relu)
+    invstd = _invstd_from_running(var, eps, x)
+    cl_fwd_par(x, y, x[:0], A, C, mean, x[:0], invstd, w, b, _in_dtype(x, 0.0), False, True,
+               relu)  # fmt: skip
 
 
 @njit(cache=True)
@@ -1295,11 +1301,7 @@ def update_running(rm, rv, mean, var, factor, unbias):
     each product and sum rounded to the buffers' dtype in that order, with ``1 - f``, ``f``
     and ``unbias`` rounded to it first: the float arithmetic of the NumPy path of
     ``_conventions.update_running_stats`` (no FMA: no fast-math), in one call."""
-    k = np.empty(3, rm.dtype)
-    k[0] = 1.0 - factor
-    k[1] = factor
-    k[2] = unbias
-    keep, f, u = k[0], k[1], k[2]
+    keep, f, u = _in_dtype(rm, 1.0 - factor), _in_dtype(rm, factor), _in_dtype(rm, unbias)
     for c in range(rm.size):
         rm[c] = rm[c] * keep + f * mean[c]
         rv[c] = rv[c] * keep + f * (var[c] * u)
@@ -1308,14 +1310,6 @@ def update_running(rm, rv, mean, var, factor, unbias):
 # Training forward without a gradient in one call (``numba_cpu.train_direct``): the statistics
 # and the normalisation of ``nchw_fwd_*`` / ``cl_fwd_*``, then ``update_running`` on the
 # running buffers (empty: none): the general path's kernels, arithmetic and bytes.
-
-
-@njit(cache=True)
-def _in_dtype(x, v):
-    """The Python float v rounded to x's dtype (as NumPy's ``np.float32(v)``)."""
-    k = np.empty(1, x.dtype)
-    k[0] = v
-    return k[0]
 
 
 @njit(cache=True)
