@@ -37,6 +37,7 @@ SHAPES = [
 ]
 BIG = [
     ((2, 2, 1024, 1100), False),  # one channel of 9 MB: bigger than L2, several chunks
+    ((2, 64, 256, 128), False),  # x 16 MiB: blocks of 16 channels, the later passes from L3
     ((4, 3, 512, 400), True),  # 2.4 M rows of 3 interleaved channels
 ]
 EMPTY = [((0, 4, 3, 3), False), ((0, 4, 3, 3), True), ((0, 6), False)]
@@ -241,6 +242,35 @@ def test_big_channels(case):
     assert_close(layout.from_canonical(dx3), torch.from_numpy(dx_ref), torch.float32, "dx", n)
     assert_close(sum_dy, torch.from_numpy(db_ref), torch.float32, "sum_dy", count=n)
     assert_close(sum_dy_xhat, torch.from_numpy(dw_ref), torch.float32, "sum_dy_xhat", count=n)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 64, 256, 128),  # x 16 MiB, x and dy 32: blocks of many channels, re-read from L3
+        (16, 96, 9, 9),  # short runs: the tiled kernels
+    ],
+)
+def test_blocking_does_not_change_the_bytes(shape):
+    """Each channel's outputs are a fixed function of its own data: the whole tensor (big
+    blocks) and a slice of three channels (small blocks, other kernels' block sizes) give the
+    same bytes for those channels, forward and backward."""
+    x, dy = _inputs(shape, False, torch.float32)
+    weight, bias = _params(shape[1], torch.float32)
+
+    def run(sl):
+        x3 = x[:, sl].contiguous().view(shape[0], -1, shape[2] * shape[3])
+        dy3 = dy[:, sl].contiguous().view_as(x3)
+        y3, mean, var, invstd = nb.forward_train(x3, weight[sl], bias[sl], EPS)
+        dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, mean, invstd, weight[sl], True, True)
+        return [t.contiguous() for t in (y3, mean, var, dx3, sum_dy, sum_dy_xhat)]
+
+    sl = slice(37, 40)
+    whole = run(slice(None))
+    part = run(sl)
+    for name, a, b in zip(("y", "mean", "var", "dx", "sum_dy", "sum_dy_xhat"), whole, part):
+        a = a[:, sl] if a.dim() == 3 else a[sl]
+        assert torch.equal(a.contiguous(), b), name
 
 
 @pytest.mark.parametrize("case", EMPTY, ids=_case_id)

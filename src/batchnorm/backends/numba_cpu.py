@@ -12,7 +12,7 @@ Example::
 Same protocol, signatures and return conventions as ``backends/torch_ops.py`` (see
 ``batchnorm.backends``). Memory traffic per element (float32): NCHW forward-train one read
 and one write (the statistics and the normalisation of a block of channels run back to back
-while it is in L2), backward two reads and one write; channels-last forward-train two reads
+while it is in L2, or in L3 for big tensors), backward two reads and one write; channels-last forward-train two reads
 and one write, backward four reads and one write; eval one read and one write. The kernels
 live in ``_numba_kernels``.
 
