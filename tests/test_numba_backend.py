@@ -33,6 +33,7 @@ SHAPES = [
     ((2, 13, 3, 5, 2), True),
     ((3, 7, 61, 67), False),  # parallel path, B not a multiple of the vector width
     ((9, 37, 17, 19), True),  # parallel path, C prime
+    ((2, 1031, 5, 7), True),  # C > 512: row blocks of CL_MIN_ROWS, a short last one
     ((4097, 3), False),  # (N, C) over several row blocks
 ]
 BIG = [
