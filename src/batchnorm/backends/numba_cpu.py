@@ -232,16 +232,25 @@ def _direct_io(x: Tensor, read, written=()) -> tuple | None:
         if t is not None and t.requires_grad:
             return None
     N, C = x.shape[0], x.shape[1]
+    # empty_like costs half of torch.empty on tiny tensors; a subclass of Tensor gets
+    # torch.empty: a plain tensor, as the general path returns (the memory format is given:
+    # a tensor both contiguous and channels-last, C = 1, gets the general path's strides)
+    plain = type(x) is Tensor
     if x.is_contiguous():  # NCHW runs, or (N, C) rows
-        # torch.empty, not empty_like: a plain tensor, as the general path returns
-        y = torch.empty(x.shape, dtype=x.dtype)
+        fmt = torch.contiguous_format
+    elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
+        fmt = _CHANNELS_LAST[x.dim()]
+    else:
+        return None
+    if plain:
+        y = torch.empty_like(x, memory_format=fmt)
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    if fmt is torch.contiguous_format:
         return N, C, n // (N * C), y, x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
-    if x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
-        y = torch.empty(x.shape, dtype=x.dtype, memory_format=_CHANNELS_LAST[x.dim()])
-        perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
-        xf = x.permute(perm).numpy(force=True).reshape(-1)
-        return n // C, C, 1, y, xf, y.permute(perm).numpy().reshape(-1)
-    return None
+    perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
+    xf = x.permute(perm).numpy(force=True).reshape(-1)
+    return n // C, C, 1, y, xf, y.permute(perm).numpy().reshape(-1)
 
 
 def eval_direct(
