@@ -34,6 +34,8 @@ SHAPES = [
     ((3, 7, 61, 67), False),  # parallel path, B not a multiple of the vector width
     ((9, 37, 17, 19), True),  # parallel path, C prime
     ((2, 1031, 5, 7), True),  # C > 512: row blocks of CL_MIN_ROWS, a short last one
+    ((67, 5, 3, 3), False),  # short runs, N prime > FLUSH_ROWS: four samples per step + 3
+    ((131, 11, 7, 7), False),  # the same, parallel path
     ((4097, 3), False),  # (N, C) over several row blocks
 ]
 BIG = [

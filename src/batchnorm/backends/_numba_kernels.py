@@ -449,12 +449,22 @@ def _nchw_fwd_block_tiled(
         acc[:] = zero
         s64 = t64[0]
         s64[:] = 0.0
-        for a in range(A):
+        a4 = A // 4 * 4
+        S = C * B  # one sample
+        for a in range(0, a4, 4):
+            # four samples per step: four streams in flight, one accumulator load-add-store
+            # per four values (rows flushed every FLUSH_ROWS, a multiple of 4)
+            lo = (a * C + c0) * B
+            x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
+            x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
+            for i in range(L):
+                acc[i] += (x0[i] + x1[i]) + (x2[i] + x3[i])
+            if (a + 4) % FLUSH_ROWS == 0:
+                _fold_rows(acc, s64, L)
+        for a in range(a4, A):
             xs = x[(a * C + c0) * B : (a * C + c0) * B + L]
             for i in range(L):
                 acc[i] += xs[i]
-            if (a + 1) % FLUSH_ROWS == 0:
-                _fold_rows(acc, s64, L)
         _fold_rows(acc, s64, L)
         mt = tiles[1]
         for k in range(nc):
@@ -471,15 +481,27 @@ def _nchw_fwd_block_tiled(
         q1, q2 = t64[1], t64[2]
         q1[:] = 0.0
         q2[:] = 0.0
-        for a in range(A):
+        for a in range(0, a4, 4):
+            lo = (a * C + c0) * B
+            x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
+            x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
+            for i in range(L):
+                m = mt[i]
+                d0 = x0[i] - m
+                d1 = x1[i] - m
+                d2 = x2[i] - m
+                d3 = x3[i] - m
+                a1[i] += (d0 + d1) + (d2 + d3)
+                a2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            if (a + 4) % FLUSH_ROWS == 0:
+                _fold_rows(a1, q1, L)
+                _fold_rows(a2, q2, L)
+        for a in range(a4, A):
             xs = x[(a * C + c0) * B : (a * C + c0) * B + L]
             for i in range(L):
                 d = xs[i] - mt[i]
                 a1[i] += d
                 a2[i] += d * d
-            if (a + 1) % FLUSH_ROWS == 0:
-                _fold_rows(a1, q1, L)
-                _fold_rows(a2, q2, L)
         _fold_rows(a1, q1, L)
         _fold_rows(a2, q2, L)
         for k in range(nc):
@@ -747,7 +769,26 @@ def _nchw_bwd_block_tiled(
         t_dy[:] = zero
         t_dx[:] = zero
         q = np.zeros((2, L))
-        for a in range(A):
+        a4 = 0 if has_mask else A // 4 * 4
+        S = C * B  # one sample
+        for a in range(0, a4, 4):
+            # four samples per step: four streams per tensor in flight, one accumulator
+            # load-add-store per four values (rows flushed every FLUSH_ROWS, a multiple of 4)
+            lo = (a * C + c0) * B
+            x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
+            x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
+            g0, g1 = dy[lo : lo + L], dy[lo + S : lo + S + L]
+            g2, g3 = dy[lo + 2 * S : lo + 2 * S + L], dy[lo + 3 * S : lo + 3 * S + L]
+            for i in range(L):
+                m = mt[i]
+                t_dy[i] += (g0[i] + g1[i]) + (g2[i] + g3[i])
+                t_dx[i] += (g0[i] * (x0[i] - m) + g1[i] * (x1[i] - m)) + (
+                    g2[i] * (x2[i] - m) + g3[i] * (x3[i] - m)
+                )
+            if (a + 4) % FLUSH_ROWS == 0:
+                _fold_rows(t_dy, q[0], L)
+                _fold_rows(t_dx, q[1], L)
+        for a in range(a4, A):
             lo = (a * C + c0) * B
             xs = x[lo : lo + L]
             gs = dy[lo : lo + L]
