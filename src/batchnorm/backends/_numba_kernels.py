@@ -1192,7 +1192,23 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
     T = tile_rows(C)
     has_mask = mask.size > 0
     kdy, kx, k0 = kt[0], kt[1], kt[2]
-    for t0 in range(rlo, rhi, T):
+    L = T * C
+    t4 = rlo if has_mask or not training else rlo + (rhi - rlo) // (4 * T) * (4 * T)
+    for t0 in range(rlo, t4, 4 * T):  # four tiles per step: each coefficient loaded once for four
+        lo = t0 * C
+        x0, x1 = x[lo : lo + L], x[lo + L : lo + 2 * L]
+        x2, x3 = x[lo + 2 * L : lo + 3 * L], x[lo + 3 * L : lo + 4 * L]
+        g0, g1 = dy[lo : lo + L], dy[lo + L : lo + 2 * L]
+        g2, g3 = dy[lo + 2 * L : lo + 3 * L], dy[lo + 3 * L : lo + 4 * L]
+        d0, d1 = dx[lo : lo + L], dx[lo + L : lo + 2 * L]
+        d2, d3 = dx[lo + 2 * L : lo + 3 * L], dx[lo + 3 * L : lo + 4 * L]
+        for i in range(L):
+            p, q, r = kdy[i], kx[i], k0[i]
+            d0[i] = g0[i] * p + x0[i] * q + r
+            d1[i] = g1[i] * p + x1[i] * q + r
+            d2[i] = g2[i] * p + x2[i] * q + r
+            d3[i] = g3[i] * p + x3[i] * q + r
+    for t0 in range(t4, rhi, T):
         lo = t0 * C
         hi = min(t0 + T, rhi) * C
         xs = x[lo:hi]
