@@ -40,7 +40,7 @@ SHAPES = [
 ]
 BIG = [
     ((2, 2, 1024, 1100), False),  # one channel of 9 MB: bigger than L2, several chunks
-    ((2, 64, 256, 128), False),  # x 16 MiB: blocks of 16 channels, the later passes from L3
+    ((74, 64, 30, 30), False),  # x over 16 MiB, runs of 900: 16-channel blocks re-read from L3
     ((4, 3, 512, 400), True),  # 2.4 M rows of 3 interleaved channels
 ]
 EMPTY = [((0, 4, 3, 3), False), ((0, 4, 3, 3), True), ((0, 6), False)]
@@ -250,7 +250,7 @@ def test_big_channels(case):
 @pytest.mark.parametrize(
     "shape",
     [
-        (2, 64, 256, 128),  # x 16 MiB, x and dy 32: blocks of many channels, re-read from L3
+        (74, 64, 30, 30),  # x over 16 MiB, runs of 900: blocks of 16 channels, re-read from L3
         (16, 96, 9, 9),  # short runs: the tiled kernels
     ],
 )

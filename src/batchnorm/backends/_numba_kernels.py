@@ -3,8 +3,9 @@
 Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
 
 * ``B > 1`` (NCHW): channel ``c`` is ``A`` runs of ``B`` contiguous values. A work item is a
-  block of whole channels that fits ``L2_BUDGET`` (tensors over ``L3_REUSE_BYTES``: a quarter
-  of the tensor or ``L3_BLOCK``, whichever is smaller; see ``channels_per_block``); for each
+  block of whole channels that fits ``L2_BUDGET`` (tensors over ``L3_REUSE_BYTES`` with runs
+  under ``L3_BLOCK_MAX_B``: a quarter of the tensor or ``L3_BLOCK``, whichever is smaller; see
+  ``channels_per_block``); for each
   sample the block is one contiguous run, so the first pass streams from memory in order and
   the later passes (centred sums, normalisation; or dx in backward) re-read the block from L2
   (or L3): one read from memory and one write per element in forward-train, two reads and one
@@ -64,6 +65,7 @@ CL_FLUSH_ROWS = 64  # channels-last statistics: rows summed in x's dtype before 
 CL_SHIFT_ROWS = 16  # channels-last statistics: rows whose mean is the block's shift
 L3_REUSE_BYTES = 16 << 20  # tensors up to this size may stay in L3 between two passes
 L3_BLOCK = 16 << 20  # NCHW work items of bigger tensors: at most this many bytes (x, or x, dy)
+L3_BLOCK_MAX_B = 2048  # ... for runs shorter than this (longer ones stream well in L2 blocks)
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
@@ -352,15 +354,18 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     Tensors whose streams fit L3_REUSE_BYTES: as many whole channels as fit L2_BUDGET, at most
     C / min_blocks (MIN_BLOCKS for load balance, or 1 for the serial drivers of short runs,
     B < SMALL_B, where more blocks only cost per-block set-up), so the later passes re-read
-    from L2. Bigger ones with runs of at least SMALL_B: blocks of at most L3_BLOCK bytes, a
-    multiple of 4 of them: a sample's part of a block is then a long contiguous run (short
-    ones, e.g. 2 channels of 28x28 = 6 KiB, left the first pass waiting on memory: the
-    prefetchers stop at page boundaries) and the later passes re-read it from L3; measured on
-    (32, 256, 28, 28) backward, 1.78 -> 1.11 ms. Results do not depend on the blocking: the
+    from L2. Bigger ones with runs of SMALL_B to L3_BLOCK_MAX_B values: blocks of at most
+    L3_BLOCK bytes, a multiple of 4 of them: a sample's part of a block is then a long
+    contiguous run (short ones, e.g. 2 channels of 28x28 = 6 KiB, left the first pass waiting
+    on memory: the prefetchers stop at page boundaries) and the later passes re-read it from
+    L3; measured on (32, 256, 28, 28) backward, 1.78 -> 1.11 ms. Not for longer runs: their L2
+    blocks already stream well, and when a neighbour on the machine holds the L3 (the copy
+    floor at half speed), re-reading from it lost 15-25% on 8x64x112x112 and 8x256x56x56,
+    more than it won otherwise (10-15%). Results do not depend on the blocking: the
     tiled kernels of short runs sum per position, then fold per channel; the long-run kernels
     sum each run of a channel in a fixed order and add the runs in row order."""
     per_channel = max(1, A * B * itemsize * streams)
-    if B >= SMALL_B and C * per_channel > L3_REUSE_BYTES:
+    if SMALL_B <= B < L3_BLOCK_MAX_B and C * per_channel > L3_REUSE_BYTES:
         blocks = max(4, (C * per_channel + L3_BLOCK - 1) // L3_BLOCK)
         blocks = (blocks + 3) // 4 * 4
         return max(1, (C + blocks - 1) // blocks)
