@@ -43,6 +43,9 @@ cases = [
     ((2, 2, 300, 300), False, torch.float32),  # a channel over L2_BUDGET: chunked moments
     ((8, 32, 3, 3), False, torch.float32),  # small: serial kernels, eval in one direct call
     ((8, 32, 3, 3), True, torch.float64),
+    ((67, 40, 7, 7), False, torch.float32),  # short runs, N prime > FLUSH_ROWS: 4-sample steps
+    ((2, 1031, 5, 7), True, torch.float32),  # channels-last, C > 512
+    ((74, 64, 30, 30), False, torch.float32),  # over 16 MiB, runs of 900: blocks re-read from L3
 ]
 for shape, cl, dtype in cases:
     g = torch.Generator().manual_seed(0)

@@ -403,6 +403,75 @@ def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
     assert all(abs(float(a) - b) <= tol * s for a, b, s in zip(got, exact, scale))
 
 
+def _short_run_sum(rows: list) -> np.ndarray:
+    """The short-run kernels' per-position order, replayed in NumPy: samples four at a time,
+    ``(r0 + r1) + (r2 + r3)`` added to a float32 accumulator, flushed into float64 every
+    FLUSH_ROWS samples; the last ``A % 4`` samples one at a time; a last flush."""
+    from batchnorm.backends._numba_kernels import FLUSH_ROWS
+
+    acc = np.zeros_like(rows[0])
+    out = np.zeros(rows[0].size)
+    a4 = len(rows) // 4 * 4
+    for a in range(0, a4, 4):
+        acc = acc + ((rows[a] + rows[a + 1]) + (rows[a + 2] + rows[a + 3]))
+        if (a + 4) % FLUSH_ROWS == 0:
+            out, acc = out + acc, np.zeros_like(acc)
+    for a in range(a4, len(rows)):
+        acc = acc + rows[a]
+    return out + acc
+
+
+@pytest.mark.parametrize("A", [3, 4, 67, 131])
+def test_short_run_sums_are_the_documented_order_bit_for_bit(A):
+    """Statistics and gradient sums of short runs (B < SMALL_B) follow ``_short_run_sum``
+    per position, then add a channel's positions in order in float64: the flush schedule
+    (float32 partials over at most FLUSH_ROWS samples) is pinned, not just the tolerance."""
+    C, B = 5, 9
+    g = torch.Generator().manual_seed(A)
+    x3 = torch.randn(A, C, B, generator=g) * 0.1 + 1e3
+    dy3 = torch.randn(A, C, B, generator=g)
+    _, mean, var, invstd = nb.forward_train(x3, None, None, EPS)
+    sum_dy, sum_dy_xhat = nb.grad_sums(dy3, x3, mean, invstd)
+
+    def per_channel(rows):  # positions of a channel added in order, in float64
+        total = np.zeros(C)
+        for v in _short_run_sum(rows).reshape(C, B).T:
+            total = total + v
+        return total
+
+    x, g_ = list(x3.numpy().reshape(A, -1)), list(dy3.numpy().reshape(A, -1))
+    n = A * B
+    shift = (per_channel(x) / n).astype(np.float32)
+    d = [r - np.repeat(shift, B) for r in x]
+    s1, s2 = per_channel(d), per_channel([v * v for v in d])
+    want_mean = (shift.astype(np.float64) + s1 / n).astype(np.float32)
+    want_var = np.maximum((s2 - s1 * s1 / n) / n, 0).astype(np.float32)
+    assert mean.numpy().tobytes() == want_mean.tobytes()
+    assert var.numpy().tobytes() == want_var.tobytes()
+    m = np.repeat(mean.numpy(), B)
+    want_dy = per_channel(g_).astype(np.float32)
+    want_dyx = (per_channel([gr * (xr - m) for gr, xr in zip(g_, x)])
+                * invstd.numpy().astype(np.float64)).astype(np.float32)  # fmt: skip
+    assert sum_dy.numpy().tobytes() == want_dy.tobytes()
+    assert sum_dy_xhat.numpy().tobytes() == want_dyx.tobytes()
+
+
+def test_direct_paths_return_plain_tensors_for_subclasses():
+    """A Parameter (or any Tensor subclass) as input: the one-call paths still return a plain
+    Tensor, as the general path does, with the same bytes."""
+    x = torch.nn.Parameter(make_input((4, 3, 5, 5), torch.float32, seed=1))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with torch.no_grad():
+        y_eval = BF.batch_norm(x, rm, rv, training=False, backend="numba")
+        y_train = BF.batch_norm(x, rm.clone(), rv.clone(), training=True, backend="numba")
+    assert type(y_eval) is torch.Tensor and type(y_train) is torch.Tensor
+    plain = x.detach().clone()
+    with torch.no_grad():
+        assert torch.equal(y_eval, BF.batch_norm(plain, rm, rv, training=False, backend="numba"))
+        assert torch.equal(y_train, BF.batch_norm(plain, rm.clone(), rv.clone(), training=True,
+                                                  backend="numba"))  # fmt: skip
+
+
 # --- eval without a gradient: one direct kernel call, the general path's bytes ------------
 
 DIRECT = [

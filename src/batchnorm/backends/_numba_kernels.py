@@ -4,8 +4,8 @@ Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
 
 * ``B > 1`` (NCHW): channel ``c`` is ``A`` runs of ``B`` contiguous values. A work item is a
   block of whole channels that fits ``L2_BUDGET`` (tensors over ``L3_REUSE_BYTES`` with runs
-  under ``L3_BLOCK_MAX_B``: a quarter of the tensor or ``L3_BLOCK``, whichever is smaller; see
-  ``channels_per_block``); for each
+  of ``SMALL_B`` to ``L3_BLOCK_MAX_B`` values: at least 4 blocks, at most about ``L3_BLOCK``
+  bytes each; see ``channels_per_block``); for each
   sample the block is one contiguous run, so the first pass streams from memory in order and
   the later passes (centred sums, normalisation; or dx in backward) re-read the block from L2
   (or L3): one read from memory and one write per element in forward-train, two reads and one
@@ -75,6 +75,7 @@ SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
 EVAL_TILED_B = 64
 EVAL_TILE = 2048
 FLUSH_ROWS = 64  # rows summed per position in x's dtype before a float64 flush
+assert FLUSH_ROWS % 4 == 0  # the short-run kernels step four samples at a time
 CL_BLOCK_VALUES = 1 << 15  # values per channels-last work item (rows x C): 128 KiB of float32
 CL_MIN_ROWS = 64  # rows per channels-last work item at least (C > 512: more than 128 KiB)
 
@@ -348,14 +349,16 @@ def _nchw_fwd_channel(
 
 
 @njit(cache=True)
-def channels_per_block(A, C, B, itemsize, streams, min_blocks):
+def channels_per_block(A, C, B, itemsize, streams, min_blocks, threads):
     """Channels per NCHW work item (``streams`` tensors of them are read: x, or x and dy).
 
     Tensors whose streams fit L3_REUSE_BYTES: as many whole channels as fit L2_BUDGET, at most
     C / min_blocks (MIN_BLOCKS for load balance, or 1 for the serial drivers of short runs,
     B < SMALL_B, where more blocks only cost per-block set-up), so the later passes re-read
-    from L2. Bigger ones with runs of SMALL_B to L3_BLOCK_MAX_B values: blocks of at most
-    L3_BLOCK bytes, a multiple of 4 of them: a sample's part of a block is then a long
+    from L2. Bigger ones with runs of SMALL_B to L3_BLOCK_MAX_B values: a multiple of 4
+    blocks, at least 4 and one per thread (``threads``: the parallel driver's thread count, 0
+    for the serial ones), of about L3_BLOCK bytes or less (whole channels, ceil(C / blocks) of
+    them, so more when C is small): a sample's part of a block is then a long
     contiguous run (short ones, e.g. 2 channels of 28x28 = 6 KiB, left the first pass waiting
     on memory: the prefetchers stop at page boundaries) and the later passes re-read it from
     L3; measured on (32, 256, 28, 28) backward, 1.78 -> 1.11 ms. Not for longer runs: their L2
@@ -366,7 +369,9 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     sum each run of a channel in a fixed order and add the runs in row order."""
     per_channel = max(1, A * B * itemsize * streams)
     if SMALL_B <= B < L3_BLOCK_MAX_B and C * per_channel > L3_REUSE_BYTES:
-        blocks = max(4, (C * per_channel + L3_BLOCK - 1) // L3_BLOCK)
+        # at least 4 blocks and one per thread (blocking never changes a result, so it may
+        # follow the thread count), about L3_BLOCK bytes or less each, a multiple of 4
+        blocks = max(4, threads, (C * per_channel + L3_BLOCK - 1) // L3_BLOCK)
         blocks = (blocks + 3) // 4 * 4
         return max(1, (C + blocks - 1) // blocks)
     cb = max(1, L2_BUDGET // per_channel)
@@ -380,8 +385,9 @@ def _nchw_fwd_block(
     """Channels [c0, c1): two-pass statistics then normalisation, rows in memory order.
 
     For each sample a, the block's channels are one contiguous run of (c1 - c0) * B values,
-    so the first pass streams from memory; the block fits L2, so the centred second pass and
-    the normalisation read it from there. Scratch (allocated by the caller, once per call on
+    so the first pass streams from memory; the block fits L2 (or, for the big blocks of
+    ``channels_per_block``, L3), so the centred second pass and the normalisation read it from
+    there. Scratch (allocated by the caller, once per call on
     the serial path: tiny tensors are all overhead): sx (3, >= c1 - c0) in x's dtype, sd
     (3, >= c1 - c0) float64."""
     nc = c1 - c0
@@ -590,9 +596,9 @@ def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, st
 
 
 @njit(cache=True, parallel=True)
-def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
+def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, threads):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 1, MIN_BLOCKS)
+    cb = channels_per_block(A, C, B, x.itemsize, 1, MIN_BLOCKS, threads)
     for j in prange((C + cb - 1) // cb):
         sx = np.empty((3, max(cb, 2)), x.dtype)
         sd = np.empty((3, cb))
@@ -603,9 +609,9 @@ def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
 
 
 @njit(cache=True)
-def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu):
+def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, threads):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 1, 1 if B < SMALL_B else MIN_BLOCKS)
+    cb = channels_per_block(A, C, B, x.itemsize, 1, 1 if B < SMALL_B else MIN_BLOCKS, threads)
     sx = np.empty((3, max(cb, 2)), x.dtype)
     sd = np.empty((3, cb))
     for j in range((C + cb - 1) // cb):
@@ -705,7 +711,8 @@ def _nchw_bwd_block(
     sums, do_dx, training, zero, sx, sd,
 ):  # fmt: skip
     """sum_dy, sum_dy_xhat and/or dx of channels [c0, c1), rows in memory order: the sums
-    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it).
+    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it; L3
+    for the big blocks of ``channels_per_block``).
     Scratch: sx (4, >= c1 - c0) in x's dtype, sd (2, >= c1 - c0) float64."""
     nc = c1 - c0
     for k in range(nc):
@@ -875,10 +882,11 @@ def _nchw_bwd_block_tiled(
 
 @njit(cache=True, parallel=True)
 def nchw_bwd_par(
-    dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
-):
+    dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training,
+    threads,
+):  # fmt: skip
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 2, MIN_BLOCKS)
+    cb = channels_per_block(A, C, B, x.itemsize, 2, MIN_BLOCKS, threads)
     for j in prange((C + cb - 1) // cb):
         c0 = j * cb
         c1 = min(C, c0 + cb)
@@ -898,10 +906,11 @@ def nchw_bwd_par(
 
 @njit(cache=True)
 def nchw_bwd_ser(
-    dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training
-):
+    dy, x, mask, dx, A, C, B, mean, invstd, w, sum_dy, sum_dy_xhat, count, sums, do_dx, training,
+    threads,
+):  # fmt: skip
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 2, 1 if B < SMALL_B else MIN_BLOCKS)
+    cb = channels_per_block(A, C, B, x.itemsize, 2, 1 if B < SMALL_B else MIN_BLOCKS, threads)
     sx = np.empty((4, cb), x.dtype)
     sd = np.empty((2, cb))
     for j in range((C + cb - 1) // cb):
@@ -944,7 +953,7 @@ def rows_per_block(C):
     """Rows of a channels-last work item: about CL_BLOCK_VALUES values, whole tiles, and at
     least CL_MIN_ROWS rows: each block pays per-channel set-up (shift, flushes, partial
     moments written and merged), which 16 rows of 2048 channels did not amortise (with 64,
-    (32, 2048, 7, 7) statistics 0.55 -> 0.20 ms, forward-train 0.77 -> 0.44 ms)."""
+    (32, 2048, 7, 7) statistics 0.55 -> 0.19 ms, forward-train 0.77 -> 0.38 ms)."""
     T = tile_rows(C)
     return max(CL_BLOCK_VALUES // (T * C), (CL_MIN_ROWS + T - 1) // T, 1) * T
 
@@ -1408,19 +1417,19 @@ def update_running(rm, rv, mean, var, factor, unbias):
 
 
 @njit(cache=True)
-def train_runs_ser(x, y, A, C, B, w, b, eps, relu, rm, rv, factor, unbias):
+def train_runs_ser(x, y, A, C, B, w, b, eps, relu, rm, rv, factor, unbias, threads):
     st = np.empty((3, C), x.dtype)  # mean, var, invstd
     nchw_fwd_ser(x, y, x[:0], A, C, B, st[0], st[1], st[2], w, b, _in_dtype(x, eps), True, True,
-                 relu)  # fmt: skip
+                 relu, threads)  # fmt: skip
     if rm.size > 0:
         update_running(rm, rv, st[0], st[1], factor, unbias)
 
 
 @njit(cache=True)
-def train_runs_par(x, y, A, C, B, w, b, eps, relu, rm, rv, factor, unbias):
+def train_runs_par(x, y, A, C, B, w, b, eps, relu, rm, rv, factor, unbias, threads):
     st = np.empty((3, C), x.dtype)
     nchw_fwd_par(x, y, x[:0], A, C, B, st[0], st[1], st[2], w, b, _in_dtype(x, eps), True, True,
-                 relu)  # fmt: skip
+                 relu, threads)  # fmt: skip
     if rm.size > 0:
         update_running(rm, rv, st[0], st[1], factor, unbias)
 

@@ -12,9 +12,9 @@ Example::
 Same protocol, signatures and return conventions as ``backends/torch_ops.py`` (see
 ``batchnorm.backends``). Memory traffic per element (float32): NCHW forward-train one read
 and one write (the statistics and the normalisation of a block of channels run back to back
-while it is in L2, or in L3 for big tensors), backward two reads and one write; channels-last forward-train two reads
-and one write, backward four reads and one write; eval one read and one write. The kernels
-live in ``_numba_kernels``.
+while it is in L2, or in L3 for some big tensors), backward two reads and one write;
+channels-last forward-train two reads and one write, backward four reads and one write; eval
+one read and one write. The kernels live in ``_numba_kernels``.
 
 * dtypes: float32 and float64 run natively. float16 and bfloat16 (which numba cannot type) are
   converted to float32 with torch, run in float32, and the outputs converted back: float32
@@ -76,16 +76,18 @@ def _start_pool() -> None:
     _pool_started = True
 
 
-def _threads_for(numel: int) -> bool:
-    """True to run the parallel kernel, with numba's pool sized to torch's thread count."""
+def _threads_for(numel: int) -> int:
+    """The thread count of the parallel kernel, numba's pool sized to torch's thread count; 0
+    (false) for the serial kernel. Kernels that take it size work items with it, never
+    results."""
     if numel < PARALLEL_MIN:
-        return False
+        return 0
     if not _pool_started:
         _start_pool()
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
-    return True
+    return want
 
 
 def _arr(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
@@ -132,7 +134,7 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
             if B > 1:
                 kernel = K.nchw_fwd_par if par else K.nchw_fwd_ser
                 kernel(x, y, res, A, C, B, mean_np, var_np, invstd_np, w, b, eps_t, True,
-                       True, relu)  # fmt: skip
+                       True, relu, par)  # fmt: skip
             else:
                 kernel = K.cl_fwd_par if par else K.cl_fwd_ser
                 kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, eps_t, True, True,
@@ -206,7 +208,8 @@ def _stats_only(x3: Tensor):
         tail = (mean.numpy(), var.numpy(), invstd.numpy(), empty, empty, _NP_SCALAR[acc](0.0))
         par = _threads_for(x.size)
         if B > 1:
-            (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail, True, False, False)
+            (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail, True, False, False,
+                                                        par)  # fmt: skip
         else:
             (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail, True, False, False)
     return None, mean, var, invstd
@@ -325,7 +328,7 @@ def train_direct(
             count / (count - 1))  # fmt: skip
     par = _threads_for(xf.size)
     if B > 1:
-        (K.train_runs_par if par else K.train_runs_ser)(xf, yf, A, C, B, *args)
+        (K.train_runs_par if par else K.train_runs_ser)(xf, yf, A, C, B, *args, par)
     else:
         (K.train_rows_par if par else K.train_rows_ser)(xf, yf, A, C, *args)
     if update:
@@ -384,7 +387,7 @@ def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, trainin
         if B > 1:
             kernel = K.nchw_bwd_par if par else K.nchw_bwd_ser
             kernel(dy, x, mask, dx, A, C, B, mean_np, invstd_np, w, sum_dy_np, sum_dy_xhat_np,
-                   float(count), sums, do_dx, bool(training))  # fmt: skip
+                   float(count), sums, do_dx, bool(training), par)  # fmt: skip
         else:
             kernel = K.cl_bwd_par if par else K.cl_bwd_ser
             kernel(dy, x, mask, dx, A, C, mean_np, invstd_np, w, sum_dy_np, sum_dy_xhat_np,
