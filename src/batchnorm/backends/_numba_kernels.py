@@ -432,6 +432,21 @@ def _nchw_fwd_block(
             )  # fmt: skip
 
 
+@njit(cache=True, inline="always")
+def _add_centred_4(x0, x1, x2, x3, m, s1, s2):
+    """Four rows at once, per position i < s1.size: ``s1[i] += (d0 + d1) + (d2 + d3)`` and
+    ``s2[i] += (d0^2 + d1^2) + (d2^2 + d3^2)`` with ``dj = xj[i] - m[i]``, in the arrays'
+    dtype (one accumulator load-add-store per four values)."""
+    for i in range(s1.size):
+        mi = m[i]
+        d0 = x0[i] - mi
+        d1 = x1[i] - mi
+        d2 = x2[i] - mi
+        d3 = x3[i] - mi
+        s1[i] += (d0 + d1) + (d2 + d3)
+        s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
 @njit(cache=True)
 def _fold_rows(t, t64, L):
     """t64 += t; t = 0 (float32 tile partials into float64, every FLUSH_ROWS rows)."""
@@ -496,14 +511,7 @@ def _nchw_fwd_block_tiled(
             lo = (a * C + c0) * B
             x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
             x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
-            for i in range(L):
-                m = mt[i]
-                d0 = x0[i] - m
-                d1 = x1[i] - m
-                d2 = x2[i] - m
-                d3 = x3[i] - m
-                a1[i] += (d0 + d1) + (d2 + d3)
-                a2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            _add_centred_4(x0, x1, x2, x3, mt, a1, a2)
             if (a + 4) % FLUSH_ROWS == 0:
                 _fold_rows(a1, q1, L)
                 _fold_rows(a2, q2, L)
@@ -1012,14 +1020,7 @@ def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
             xb = x[(r + 1) * C : (r + 2) * C]
             xc = x[(r + 2) * C : (r + 3) * C]
             xd = x[(r + 3) * C : (r + 4) * C]
-            for k in range(C):
-                m = sh[k]
-                da = xa[k] - m
-                db = xb[k] - m
-                dc = xc[k] - m
-                dd = xd[k] - m
-                s1[k] += (da + db) + (dc + dd)
-                s2[k] += (da * da + db * db) + (dc * dc + dd * dd)
+            _add_centred_4(xa, xb, xc, xd, sh, s1, s2)
         for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             for k in range(C):
