@@ -433,6 +433,18 @@ def _nchw_fwd_block(
 
 
 @njit(cache=True, inline="always")
+def _four(v, lo, step, n):
+    """The runs ``v[lo + j * step : lo + j * step + n]`` for j = 0, 1, 2, 3 (four samples or
+    rows at once)."""
+    return (
+        v[lo : lo + n],
+        v[lo + step : lo + step + n],
+        v[lo + 2 * step : lo + 2 * step + n],
+        v[lo + 3 * step : lo + 3 * step + n],
+    )
+
+
+@njit(cache=True, inline="always")
 def _add_centred_4(x0, x1, x2, x3, m, s1, s2):
     """Four rows at once, per position i < s1.size: ``s1[i] += (d0 + d1) + (d2 + d3)`` and
     ``s2[i] += (d0^2 + d1^2) + (d2^2 + d3^2)`` with ``dj = xj[i] - m[i]``, in the arrays'
@@ -481,8 +493,7 @@ def _nchw_fwd_block_tiled(
             # four samples per step: four streams in flight, one accumulator load-add-store
             # per four values (rows flushed every FLUSH_ROWS, a multiple of 4)
             lo = (a * C + c0) * B
-            x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
-            x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
+            x0, x1, x2, x3 = _four(x, lo, S, L)
             for i in range(L):
                 acc[i] += (x0[i] + x1[i]) + (x2[i] + x3[i])
             if (a + 4) % FLUSH_ROWS == 0:
@@ -509,8 +520,7 @@ def _nchw_fwd_block_tiled(
         q2[:] = 0.0
         for a in range(0, a4, 4):
             lo = (a * C + c0) * B
-            x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
-            x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
+            x0, x1, x2, x3 = _four(x, lo, S, L)
             _add_centred_4(x0, x1, x2, x3, mt, a1, a2)
             if (a + 4) % FLUSH_ROWS == 0:
                 _fold_rows(a1, q1, L)
@@ -546,10 +556,8 @@ def _nchw_fwd_block_tiled(
     S = C * B
     for a in range(0, a4, 4):  # four samples per step: each tile value loaded once for four
         lo = (a * C + c0) * B
-        x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
-        x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
-        y0, y1 = y[lo : lo + L], y[lo + S : lo + S + L]
-        y2, y3 = y[lo + 2 * S : lo + 2 * S + L], y[lo + 3 * S : lo + 3 * S + L]
+        x0, x1, x2, x3 = _four(x, lo, S, L)
+        y0, y1, y2, y3 = _four(y, lo, S, L)
         for i in range(L):
             p = st[i]
             q = ht[i]
@@ -810,10 +818,8 @@ def _nchw_bwd_block_tiled(
             # four samples per step: four streams per tensor in flight, one accumulator
             # load-add-store per four values (rows flushed every FLUSH_ROWS, a multiple of 4)
             lo = (a * C + c0) * B
-            x0, x1 = x[lo : lo + L], x[lo + S : lo + S + L]
-            x2, x3 = x[lo + 2 * S : lo + 2 * S + L], x[lo + 3 * S : lo + 3 * S + L]
-            g0, g1 = dy[lo : lo + L], dy[lo + S : lo + S + L]
-            g2, g3 = dy[lo + 2 * S : lo + 2 * S + L], dy[lo + 3 * S : lo + 3 * S + L]
+            x0, x1, x2, x3 = _four(x, lo, S, L)
+            g0, g1, g2, g3 = _four(dy, lo, S, L)
             for i in range(L):
                 m = mt[i]
                 t_dy[i] += (g0[i] + g1[i]) + (g2[i] + g3[i])
@@ -1016,10 +1022,7 @@ def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
             s2[k] = zero
         r4 = r0 + ((r1 - r0) // 4) * 4
         for r in range(r0, r4, 4):
-            xa = x[r * C : (r + 1) * C]
-            xb = x[(r + 1) * C : (r + 2) * C]
-            xc = x[(r + 2) * C : (r + 3) * C]
-            xd = x[(r + 3) * C : (r + 4) * C]
+            xa, xb, xc, xd = _four(x, r * C, C, C)
             _add_centred_4(xa, xb, xc, xd, sh, s1, s2)
         for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
@@ -1169,14 +1172,8 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
         s_dyxmu[:] = zero
         r4 = r0 if has_mask else r0 + ((r1 - r0) // 4) * 4
         for r in range(r0, r4, 4):
-            xa = x[r * C : (r + 1) * C]
-            xb = x[(r + 1) * C : (r + 2) * C]
-            xc = x[(r + 2) * C : (r + 3) * C]
-            xd = x[(r + 3) * C : (r + 4) * C]
-            ga = dy[r * C : (r + 1) * C]
-            gb = dy[(r + 1) * C : (r + 2) * C]
-            gc = dy[(r + 2) * C : (r + 3) * C]
-            gd = dy[(r + 3) * C : (r + 4) * C]
+            xa, xb, xc, xd = _four(x, r * C, C, C)
+            ga, gb, gc, gd = _four(dy, r * C, C, C)
             for k in range(C):
                 mk = m[k]
                 s_dy[k] += (ga[k] + gb[k]) + (gc[k] + gd[k])
@@ -1211,12 +1208,9 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
     t4 = rlo if has_mask or not training else rlo + (rhi - rlo) // (4 * T) * (4 * T)
     for t0 in range(rlo, t4, 4 * T):  # four tiles per step: each coefficient loaded once for four
         lo = t0 * C
-        x0, x1 = x[lo : lo + L], x[lo + L : lo + 2 * L]
-        x2, x3 = x[lo + 2 * L : lo + 3 * L], x[lo + 3 * L : lo + 4 * L]
-        g0, g1 = dy[lo : lo + L], dy[lo + L : lo + 2 * L]
-        g2, g3 = dy[lo + 2 * L : lo + 3 * L], dy[lo + 3 * L : lo + 4 * L]
-        d0, d1 = dx[lo : lo + L], dx[lo + L : lo + 2 * L]
-        d2, d3 = dx[lo + 2 * L : lo + 3 * L], dx[lo + 3 * L : lo + 4 * L]
+        x0, x1, x2, x3 = _four(x, lo, L, L)
+        g0, g1, g2, g3 = _four(dy, lo, L, L)
+        d0, d1, d2, d3 = _four(dx, lo, L, L)
         for i in range(L):
             p, q, r = kdy[i], kx[i], k0[i]
             d0[i] = g0[i] * p + x0[i] * q + r
