@@ -362,11 +362,12 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks, threads):
     contiguous run (short ones, e.g. 2 channels of 28x28 = 6 KiB, left the first pass waiting
     on memory: the prefetchers stop at page boundaries) and the later passes re-read it from
     L3; measured on (32, 256, 28, 28) backward, 1.78 -> 1.11 ms. Not for longer runs: their L2
-    blocks already stream well, and when a neighbour on the machine holds the L3 (the copy
-    floor at half speed), re-reading from it lost 15-25% on 8x64x112x112 and 8x256x56x56,
-    more than it won otherwise (10-15%). Results do not depend on the blocking: the
-    tiled kernels of short runs sum per position, then fold per channel; the long-run kernels
-    sum each run of a channel in a fixed order and add the runs in row order."""
+    blocks already stream well, and with the copy floor at half speed (a neighbour holding the
+    L3, we guess) re-reading from it lost 11-27% on 8x64x112x112 and 8x256x56x56 in
+    alternating public-API runs, more than it won otherwise (10-18% on backward). Results do
+    not depend on the blocking: the tiled kernels of short runs sum per position, then fold
+    per channel; the long-run kernels sum each run of a channel in a fixed order and add the
+    runs in row order."""
     per_channel = max(1, A * B * itemsize * streams)
     if SMALL_B <= B < L3_BLOCK_MAX_B and C * per_channel > L3_REUSE_BYTES:
         # at least 4 blocks and one per thread (blocking never changes a result, so it may
@@ -457,6 +458,19 @@ def _add_centred_4(x0, x1, x2, x3, m, s1, s2):
         d3 = x3[i] - mi
         s1[i] += (d0 + d1) + (d2 + d3)
         s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@njit(cache=True, inline="always")
+def _add_grad_4(g0, g1, g2, g3, x0, x1, x2, x3, m, s_dy, s_dx):
+    """Four rows at once, per position i < s_dy.size: ``s_dy[i] += (g0 + g1) + (g2 + g3)`` and
+    ``s_dx[i] += (g0 (x0 - m) + g1 (x1 - m)) + (g2 (x2 - m) + g3 (x3 - m))`` at i, in the
+    arrays' dtype (the gradient sums' counterpart of ``_add_centred_4``)."""
+    for i in range(s_dy.size):
+        mi = m[i]
+        s_dy[i] += (g0[i] + g1[i]) + (g2[i] + g3[i])
+        s_dx[i] += (g0[i] * (x0[i] - mi) + g1[i] * (x1[i] - mi)) + (
+            g2[i] * (x2[i] - mi) + g3[i] * (x3[i] - mi)
+        )
 
 
 @njit(cache=True)
@@ -820,12 +834,7 @@ def _nchw_bwd_block_tiled(
             lo = (a * C + c0) * B
             x0, x1, x2, x3 = _four(x, lo, S, L)
             g0, g1, g2, g3 = _four(dy, lo, S, L)
-            for i in range(L):
-                m = mt[i]
-                t_dy[i] += (g0[i] + g1[i]) + (g2[i] + g3[i])
-                t_dx[i] += (g0[i] * (x0[i] - m) + g1[i] * (x1[i] - m)) + (
-                    g2[i] * (x2[i] - m) + g3[i] * (x3[i] - m)
-                )
+            _add_grad_4(g0, g1, g2, g3, x0, x1, x2, x3, mt, t_dy, t_dx)
             if (a + 4) % FLUSH_ROWS == 0:
                 _fold_rows(t_dy, q[0], L)
                 _fold_rows(t_dx, q[1], L)
@@ -1174,12 +1183,7 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
         for r in range(r0, r4, 4):
             xa, xb, xc, xd = _four(x, r * C, C, C)
             ga, gb, gc, gd = _four(dy, r * C, C, C)
-            for k in range(C):
-                mk = m[k]
-                s_dy[k] += (ga[k] + gb[k]) + (gc[k] + gd[k])
-                s_dyxmu[k] += (ga[k] * (xa[k] - mk) + gb[k] * (xb[k] - mk)) + (
-                    gc[k] * (xc[k] - mk) + gd[k] * (xd[k] - mk)
-                )
+            _add_grad_4(ga, gb, gc, gd, xa, xb, xc, xd, m, s_dy, s_dyxmu)
         for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             dyr = dy[r * C : (r + 1) * C]
