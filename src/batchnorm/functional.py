@@ -74,7 +74,6 @@ def batch_norm(
     kernel = backends.select(backend, input)
     use_batch_stats = training
     update = training and running_mean is not None
-    acc = acc_dtype(input.dtype)
     relu = activation == "relu"
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, residual)
@@ -86,6 +85,7 @@ def batch_norm(
         if y is not None:
             return y
 
+    acc = acc_dtype(input.dtype)
     mean_in = invstd_in = None
     if not use_batch_stats:
         mean_in = _constant(running_mean, acc)
