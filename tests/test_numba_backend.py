@@ -553,6 +553,35 @@ def test_eval_direct_declines_what_it_does_not_do():
     assert_close(BF.batch_norm(x, rm, rv, training=False, backend="numba"), want, torch.float32)
 
 
+def test_direct_paths_read_values_not_bytes():
+    """The one-call kernels read tensors by address: views with a storage offset are read from
+    their first value, and negative views (whose bytes are minus their values) are declined and
+    still give torch's numbers."""
+    C = 3
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, C, 4, 4, generator=g) * 2 + 1
+    params = torch.rand(4 * C, generator=g) + 0.5
+    x, w, b, rv = base[1:], params[C : 2 * C], params[2 * C : 3 * C], params[3 * C :]
+    rm = -params[:C]
+    assert x.storage_offset() > 0 and w.storage_offset() > 0
+    assert nb.eval_direct(x, rm, rv, w, b, 1e-5, False) is not None
+    for args in (
+        (torch._neg_view(x), rm, rv, w, b),
+        (x, rm, torch._neg_view(rv), w, b),
+        (x, rm, rv, torch._neg_view(w), b),
+    ):
+        assert nb.eval_direct(*args, 1e-5, False) is None
+        assert nb.train_direct(args[0], *args[3:], 1e-5, False, *args[1:3], 0.1, None) is None
+    for args in ((x, rm, rv, w, b), (torch._neg_view(x), rm, rv, torch._neg_view(w), b)):
+        for training in (False, True):
+            rmo, rvo, rmt, rvt = args[1].clone(), args[2].clone(), args[1].clone(), args[2].clone()
+            ours = BF.batch_norm(args[0], rmo, rvo, *args[3:], training, backend="numba")
+            want = torch.nn.functional.batch_norm(args[0], rmt, rvt, *args[3:], training)
+            assert_close(ours, want, torch.float32)
+            assert_close(rmo, rmt, torch.float32)
+            assert_close(rvo, rvt, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", NATIVE)
 @pytest.mark.parametrize("count", [2, 9, 1001])
 @pytest.mark.parametrize("factor", [0.1, 1.0, 1 / 3, 0.0])

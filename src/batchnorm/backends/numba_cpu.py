@@ -48,6 +48,7 @@ PARALLEL_MIN = 1 << 16
 _NATIVE = (torch.float32, torch.float64)
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 _NP_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
+_ZERO = {dt: f(0.0) for dt, f in _NP_SCALAR.items()}  # the one-call kernels' dtype witness
 
 
 def supports(x: Tensor) -> bool:
@@ -218,18 +219,24 @@ def _stats_only(x3: Tensor):
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def _address(t: Tensor | None) -> int:
+    """``t``'s data address for the one-call kernels (0: absent)."""
+    return 0 if t is None else t.data_ptr()
+
+
 def _direct_io(x: Tensor, read, written=()) -> tuple | None:
-    """For the one-call paths: ``(A, C, B, y, xf, yf)`` with y a new tensor in x's memory
-    format and xf, yf flat NumPy views in memory order; None when x is empty or not a
-    float32/float64 tensor, NCHW-contiguous or channels-last, or a tensor in ``read`` or
-    ``written`` is not contiguous of x's dtype, or one in ``written`` (updated in place
-    through NumPy) requires grad. (Those in ``read`` are read as ``_arr`` reads them, so
-    Parameters that require grad are fine: no graph is recorded on this path.)"""
+    """For the one-call paths: ``(A, C, B, y)`` with y a new tensor in x's memory format
+    (A * C * B values in memory order: NCHW runs, or rows of C), or None when x is empty or
+    not a float32/float64 tensor, NCHW-contiguous or channels-last, or a tensor in ``read``
+    or ``written`` is not contiguous of x's dtype, is a negative view (its bytes are not its
+    values), or one in ``written`` (updated in place) requires grad. The kernels then read
+    and write them by address (see ``_numba_kernels._at``); Parameters that require grad are
+    fine in ``read``: no graph is recorded on this path."""
     n = x.numel()
-    if n == 0 or x.dtype not in _NATIVE:
+    if n == 0 or x.dtype not in _NATIVE or x.is_neg():
         return None
     for t in (*read, *written):
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.is_neg()):
             return None
     for t in written:
         if t is not None and t.requires_grad:
@@ -238,22 +245,19 @@ def _direct_io(x: Tensor, read, written=()) -> tuple | None:
     # empty_like costs half of torch.empty on tiny tensors; a subclass of Tensor gets
     # torch.empty: a plain tensor, as the general path returns (the memory format is given:
     # a tensor both contiguous and channels-last, C = 1, gets the general path's strides)
-    plain = type(x) is Tensor
     if x.is_contiguous():  # NCHW runs, or (N, C) rows
         fmt = torch.contiguous_format
     elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
         fmt = _CHANNELS_LAST[x.dim()]
     else:
         return None
-    if plain:
+    if type(x) is Tensor:
         y = torch.empty_like(x, memory_format=fmt)
     else:
         y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
     if fmt is torch.contiguous_format:
-        return N, C, n // (N * C), y, x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
-    perm = (0, *range(2, x.dim()), 1)  # the memory order, (N, *spatial, C)
-    xf = x.permute(perm).numpy(force=True).reshape(-1)
-    return n // C, C, 1, y, xf, y.permute(perm).numpy().reshape(-1)
+        return N, C, n // (N * C), y
+    return n // C, C, 1, y
 
 
 def eval_direct(
@@ -271,24 +275,25 @@ def eval_direct(
     ``invstd`` (``K.eval_*`` compute it as ``invstd_from_var`` does), the same kernels and
     bytes as ``normalize``. Every Python layer costs, and more so right after a big tensor has
     streamed through the caches (a layer that takes 2 us warm was seen to take 15-50 us
-    then), so this path keeps few. Applies to float32/float64 tensors, NCHW-contiguous or
-    channels-last, with contiguous buffers of x's dtype (the caller has validated shapes and
-    dtypes); returns None otherwise, and the general path runs.
+    then), so this path keeps few: the kernels take addresses, not NumPy views. Applies to
+    float32/float64 tensors, NCHW-contiguous or channels-last, with contiguous buffers of x's
+    dtype (the caller has validated shapes and dtypes); returns None otherwise, and the
+    general path runs.
     """
     io = _direct_io(x, (running_mean, running_var, weight, bias))
     if io is None:
         return None
-    A, C, B, y, xf, yf = io
-    acc = x.dtype
-    stats = (running_mean.numpy(force=True), running_var.numpy(force=True))
-    affine = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu))
-    par = _threads_for(xf.size)
+    A, C, B, y = io
+    args = (x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
+            _address(weight), _address(bias), A, C, B, float(eps), bool(relu),
+            _ZERO[x.dtype])  # fmt: skip
+    par = _threads_for(A * C * B)
     if B >= K.EVAL_TILED_B:
-        (K.eval_runs_par if par else K.eval_runs_ser)(xf, yf, C, B, *stats, *affine)
+        (K.eval_runs_par if par else K.eval_runs_ser)(*args)
     elif B > 1:
-        (K.eval_tiled_par if par else K.eval_tiled_ser)(xf, yf, A, C, B, *stats, *affine)
+        (K.eval_tiled_par if par else K.eval_tiled_ser)(*args)
     else:
-        (K.eval_rows_par if par else K.eval_rows_ser)(xf, yf, A, C, *stats, *affine)
+        (K.eval_rows_par if par else K.eval_rows_ser)(*args)
     return y
 
 
@@ -313,24 +318,20 @@ def train_direct(
     io = _direct_io(x, (weight, bias), (running_mean, running_var))
     if io is None:
         return None
-    A, C, B, y, xf, yf = io
-    acc = x.dtype
-    count = xf.size // C
+    A, C, B, y = io
+    count = A * B
     update = running_mean is not None
     factor = 0.0
     if update:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         factor = momentum_factor(momentum, num_batches_tracked)
-    rm = running_mean.numpy() if update else _EMPTY[acc]
-    rv = running_var.numpy() if update else _EMPTY[acc]
-    args = (_arr(weight, acc), _arr(bias, acc), float(eps), bool(relu), rm, rv, float(factor),
-            count / (count - 1))  # fmt: skip
-    par = _threads_for(xf.size)
-    if B > 1:
-        (K.train_runs_par if par else K.train_runs_ser)(xf, yf, A, C, B, *args, par)
-    else:
-        (K.train_rows_par if par else K.train_rows_ser)(xf, yf, A, C, *args)
+    par = _threads_for(A * C * B)
+    kernel = (K.train_runs_par if par else K.train_runs_ser) if B > 1 else (
+        K.train_rows_par if par else K.train_rows_ser)  # fmt: skip
+    kernel(x.data_ptr(), y.data_ptr(), _address(weight), _address(bias),
+           _address(running_mean), _address(running_var), A, C, B, float(eps), bool(relu),
+           float(factor), count / (count - 1), par, _ZERO[x.dtype])  # fmt: skip
     if update:
         increment_version(running_mean)
         increment_version(running_var)
