@@ -33,13 +33,13 @@ def test_module_forward_uses_the_chosen_backend(monkeypatch):
     """The module never knows which kernel ran, but the kernel it asked for is the one used."""
     calls = []
     numba_backend = backends.load("numba")
-    original = numba_backend.forward_train
+    original = numba_backend.train_direct
 
     def spy(*args, **kwargs):
         calls.append("numba")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(numba_backend, "forward_train", spy)
+    monkeypatch.setattr(numba_backend, "train_direct", spy)
     x = torch.randn(4, 3, 5, 5)
     batchnorm.BatchNorm2d(3)(x)  # auto
     assert calls == ["numba"]

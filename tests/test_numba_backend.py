@@ -496,6 +496,13 @@ def _bytes(t):
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _general_path(monkeypatch) -> None:
+    """Make the public calls take the general path: the autograd.Function of ``_function`` on
+    canonical views, the backend's split functions, no one-call kernels."""
+    monkeypatch.setattr(nb, "eval_direct", lambda *a: None)
+    monkeypatch.setattr(nb, "train_direct", lambda *a: None)
+
+
 def _spy(monkeypatch, *names) -> list:
     """Wrap these numba_cpu functions so that each call appends its name; returns the list."""
     calls = []
@@ -524,11 +531,10 @@ def test_eval_direct_gives_the_general_paths_bytes(case, dtype, affine, relu, mo
     act = "relu" if relu else None
     direct = nb.eval_direct(x, rm, rv, weight, bias, eps, relu)
     assert direct is not None
-    # the general path: an input that wants a gradient goes through the autograd.Function
-    general = BF.batch_norm(
-        x.clone().requires_grad_(True), rm, rv, weight, bias, False, eps=eps, activation=act,
-        backend="numba",
-    ).detach()  # fmt: skip
+    with monkeypatch.context() as m:
+        _general_path(m)
+        general = BF.batch_norm(x, rm, rv, weight, bias, False, eps=eps, activation=act,
+                                backend="numba")  # fmt: skip
     assert direct.shape == general.shape and direct.stride() == general.stride()
     assert _bytes(direct) == _bytes(general)
     # and the public call without a gradient takes the direct path
@@ -620,10 +626,10 @@ def test_running_update_falls_back_for_mixed_dtypes(monkeypatch):
 
 
 def test_training_calls_use_the_backends_running_update(monkeypatch):
+    _general_path(monkeypatch)
     calls = _spy(monkeypatch, "update_running_stats")
     rm, rv = torch.zeros(4), torch.ones(4)
     x = make_input((6, 4, 5))
-    # an input that wants a gradient takes the general path (without one: train_direct)
     BF.batch_norm(x.clone().requires_grad_(True), rm, rv, training=True, backend="numba")
     want_rm, want_rv = torch.zeros(4), torch.ones(4)
     torch.nn.functional.batch_norm(x, want_rm, want_rv, training=True)
@@ -668,7 +674,9 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
 
     calls = _spy(monkeypatch, "train_direct")
     direct = run(x)
-    general = run(x.clone().requires_grad_(True))  # a graph to record: the general path
+    with monkeypatch.context() as m:
+        _general_path(m)
+        general = run(x)
     assert calls == ["train_direct"]  # the first call only
     assert direct[0].stride() == general[0].stride()
     assert [_bytes(t) for t in direct[:3]] == [_bytes(t) for t in general[:3]]
@@ -676,13 +684,103 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
     assert versions[0] == versions[1]
 
 
+def _strides(t):
+    return [st for st, n in zip(t.stride(), t.shape) if n > 1]
+
+
+def _grads(x, dy, training, relu, residual, wanted, general, monkeypatch):
+    """(y, grads of the ``wanted`` leaves among x, weight, bias, residual, running buffers
+    after the call) of one public call, on the direct or the general path."""
+    C = x.shape[1]
+    weight, bias = _params(C, x.dtype)
+    leaves = [x.clone(), weight, bias, residual.clone() if residual is not None else None]
+    for t, want in zip(leaves, wanted):
+        if t is not None and want:
+            t.requires_grad_(True)
+    g = torch.Generator().manual_seed(5)
+    rm = torch.randn(C, generator=g, dtype=x.dtype)
+    rv = torch.rand(C, generator=g, dtype=x.dtype) + 0.2
+    with monkeypatch.context() as m:
+        if general:
+            _general_path(m)
+        calls = _spy(m, "train_direct", "eval_direct")
+        y = BF.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5,
+                          residual=leaves[3], activation="relu" if relu else None,
+                          backend="numba")  # fmt: skip
+        assert len(calls) == 1
+    inputs = [t for t, want in zip(leaves, wanted) if t is not None and want]
+    grads = torch.autograd.grad(y, inputs, dy)
+    return [y.detach(), *grads, rm, rv]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", NATIVE)
+@pytest.mark.parametrize("case", DIRECT, ids=_case_id)
+def test_direct_function_gives_the_general_paths_gradients(case, dtype, training, monkeypatch):
+    """With a graph to record, contiguous and channels-last inputs go through the one-call
+    autograd Function (one kernel forward, one backward, on the stored tensors); its outputs,
+    gradients and running buffers are the general Function's, byte for byte, with and without
+    the fused relu and residual, for every subset of inputs that wants a gradient."""
+    shape, cl = case
+    x = make_input(shape, dtype=dtype, channels_last=cl)
+    dy = make_input(shape, dtype=dtype, channels_last=cl, seed=2)
+    residual = make_input(shape, dtype=dtype, channels_last=cl, seed=4)
+    settings = [
+        (False, None, (True, True, True, False)),
+        (True, None, (True, False, True, False)),
+        (True, residual, (True, True, True, True)),
+        (False, residual, (False, True, False, True)),
+        (True, None, (False, True, True, False)),  # weight and bias only: no dx
+    ]
+    for relu, res, wanted in settings:
+        direct = _grads(x, dy, training, relu, res, wanted, False, monkeypatch)
+        general = _grads(x, dy, training, relu, res, wanted, True, monkeypatch)
+        for a, b in zip(direct, general):  # (a stride of a dim of size 1 is never used)
+            assert _strides(a) == _strides(b) and _bytes(a) == _bytes(b)
+
+
+def test_direct_function_takes_odd_gradients(monkeypatch):
+    """dy in another memory format, an expanded dy (from ``sum()``), a negative view: the
+    direct Function copies it to x's format first and gives the general path's bytes."""
+    x = make_input((4, 5, 6, 3), channels_last=True)
+    dy_cl = make_input((4, 5, 6, 3), channels_last=True, seed=6)
+    for dy in (dy_cl.contiguous(), torch.ones(()).expand(4, 5, 6, 3), torch._neg_view(dy_cl)):
+        out = []
+        for general in (False, True):
+            with monkeypatch.context() as m:
+                if general:
+                    _general_path(m)
+                xg = x.clone().requires_grad_(True)
+                y = BF.batch_norm(xg, None, None, training=True, activation="relu",
+                                  backend="numba")  # fmt: skip
+                out.append(torch.autograd.grad(y, xg, dy)[0])
+        assert out[0].stride() == out[1].stride() and _bytes(out[0]) == _bytes(out[1])
+
+
+def test_direct_function_double_backward_matches_torch():
+    x = make_input((3, 4, 5, 5), dtype=torch.float64).requires_grad_(True)
+    w, b = (t.requires_grad_(True) for t in _params(4, torch.float64))
+    for training in (True, False):
+        rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        ours = BF.batch_norm(x, rm, rv, w, b, training, backend="numba")
+        ref = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+        for y in (ours, ref):
+            assert y.grad_fn is not None
+        g_ours = torch.autograd.grad(ours.pow(3).sum(), (x, w), create_graph=True)
+        g_ref = torch.autograd.grad(ref.pow(3).sum(), (x, w), create_graph=True)
+        gg_ours = torch.autograd.grad(sum(g.pow(2).sum() for g in g_ours), (x, w, b))
+        gg_ref = torch.autograd.grad(sum(g.pow(2).sum() for g in g_ref), (x, w, b))
+        for a, r in zip((*g_ours, *gg_ours), (*g_ref, *gg_ref)):
+            assert_close(a, r, torch.float64)
+
+
 def test_train_direct_without_running_stats(monkeypatch):
     calls = _spy(monkeypatch, "train_direct")
     x = make_input((6, 4, 5))
     y = BF.batch_norm(x, None, None, training=True, backend="numba")
     assert calls == ["train_direct"]
-    want = BF.batch_norm(x.clone().requires_grad_(True), None, None, training=True,
-                         backend="numba").detach()  # fmt: skip
+    _general_path(monkeypatch)
+    want = BF.batch_norm(x, None, None, training=True, backend="numba")
     assert _bytes(y) == _bytes(want)
 
 

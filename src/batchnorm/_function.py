@@ -104,7 +104,7 @@ class BatchNormFunction(torch.autograd.Function):
         if dy is None:
             return (None, None, None, None, *nones)
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
-            grads = _double_backward(ctx, dy, x, weight, bias, residual, mean, invstd)
+            grads = double_backward(ctx, dy, x, weight, bias, residual, mean, invstd)
             return (*grads, *nones)
 
         layout: Layout = ctx.layout
@@ -171,7 +171,7 @@ def differentiable_forward(
     return y.to(x.dtype)
 
 
-def _double_backward(ctx, dy, x, weight, bias, residual, mean, invstd):
+def double_backward(ctx, dy, x, weight, bias, residual, mean, invstd):
     inputs = [x, weight, bias, residual]
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
     with torch.enable_grad():

@@ -78,12 +78,12 @@ def batch_norm(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, residual)
     )
-    if not needs_grad and residual is None:
-        # no graph to record: a backend may do the whole call in one kernel (same bytes)
-        y = _direct(kernel, input, running_mean, running_var, weight, bias, use_batch_stats,
-                    update, momentum, eps, num_batches_tracked, relu)  # fmt: skip
-        if y is not None:
-            return y
+    # a backend may do the whole call in one kernel (and the backward in one more), with the
+    # general path's bytes
+    y = _direct(kernel, input, running_mean, running_var, weight, bias, use_batch_stats,
+                update, momentum, eps, num_batches_tracked, relu, residual, needs_grad)  # fmt: skip
+    if y is not None:
+        return y
 
     acc = acc_dtype(input.dtype)
     mean_in = invstd_in = None
@@ -110,19 +110,19 @@ def batch_norm(
 
 
 def _direct(kernel, x, running_mean, running_var, weight, bias, use_batch_stats, update,
-            momentum, eps, num_batches_tracked, relu) -> Tensor | None:  # fmt: skip
+            momentum, eps, num_batches_tracked, relu, residual, grad) -> Tensor | None:  # fmt: skip
     """The backend's one-call path (``eval_direct`` / ``train_direct``), or None."""
     if not use_batch_stats:
         direct = getattr(kernel, "eval_direct", None)
         return None if direct is None else direct(x, running_mean, running_var, weight, bias,
-                                                  eps, relu)  # fmt: skip
+                                                  eps, relu, residual, grad)  # fmt: skip
     direct = getattr(kernel, "train_direct", None)
     if direct is None:
         return None
     if not update:
         running_mean = running_var = num_batches_tracked = None
     return direct(x, weight, bias, eps, relu, running_mean, running_var, momentum,
-                  num_batches_tracked)  # fmt: skip
+                  num_batches_tracked, residual, grad)  # fmt: skip
 
 
 def _constant(t: Tensor, dtype: torch.dtype) -> Tensor:

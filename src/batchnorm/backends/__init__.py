@@ -14,13 +14,14 @@ view (``batchnorm._layout``), per-channel vectors ``(C,)`` in the accumulation d
   -> (dx3 or None, sum_dy, sum_dy_xhat)``
 
 Optional, looked up by ``functional.batch_norm`` with ``getattr`` (the numba backend has both;
-each must give the general path's bytes):
+each must give the general path's bytes, gradients included):
 
-* ``eval_direct(x, running_mean, running_var, weight, bias, eps, relu) -> y or None``: eval of
-  the user's tensor in one call, or None when the general path must run;
+* ``eval_direct(x, running_mean, running_var, weight, bias, eps, relu, residual, grad)
+  -> y or None``: eval of the user's tensor in one call (``grad``: a graph is recorded, with
+  a backward of its own), or None when the general path must run;
 * ``train_direct(x, weight, bias, eps, relu, running_mean, running_var, momentum,
-  num_batches_tracked) -> y or None``: training forward without a gradient in one call,
-  running update and ``num_batches_tracked`` included (in the general path's order), or None
+  num_batches_tracked, residual, grad) -> y or None``: training forward in one call, running
+  update and ``num_batches_tracked`` included (in the general path's order), or None
   (nothing touched);
 * ``update_running_stats(running_mean, running_var, mean, var, count, factor)``: the
   running-statistics update of ``_conventions``, in place.

@@ -1376,57 +1376,64 @@ def _at(address, n, z):
     return carray(_pointer(address, z), n if address != 0 else 0)
 
 
-# Eval from the running buffers in one call (``numba_cpu.eval_direct``): invstd, then the eval
-# kernel that ``numba_cpu.normalize`` picks for the shape and size, so the bytes are the
+# Eval from the running buffers in one call (``numba_cpu``'s direct paths): invstd, then the
+# eval kernel that ``numba_cpu.normalize`` picks for the shape and size, so the bytes are the
 # general path's. One entry per kernel, so a first call compiles only the one it needs.
-# Arguments: addresses of x, y (A * C * B values), running mean and var, weight and bias (C).
+# Addresses: x, y and the residual (A * C * B values), the running mean and var, weight and
+# bias (C each), and ``st`` (3 * C: mean, var, invstd), where the statistics used are kept for
+# the backward (mean and invstd; var is not written in eval), or 0.
+
+
+@njit(cache=True, inline="always")
+def _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z):
+    """The arrays at these addresses, and invstd (kept in st[2C:] when st is given)."""
+    n = A * C * B
+    x, y, res, mean = _at(px, n, z), _at(py, n, z), _at(pres, n, z), _at(pm, C, z)
+    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
+    if pst != 0:
+        st = _at(pst, 3 * C, z)
+        st[:C] = mean
+        st[2 * C :] = invstd
+    return x, y, res, mean, invstd, _at(pw, C, z), _at(pb, C, z)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_runs_ser(px, py, pm, pv, pw, pb, A, C, B, eps, relu, z):
+def eval_runs_ser(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
     """NCHW runs of at least EVAL_TILED_B values."""
-    x, y, w, b = _at(px, A * C * B, z), _at(py, A * C * B, z), _at(pw, C, z), _at(pb, C, z)
-    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    nchw_eval_ser(x, y, x[:0], C, B, _at(pm, C, z), invstd, w, b, relu)
+    x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
+    nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_runs_par(px, py, pm, pv, pw, pb, A, C, B, eps, relu, z):
-    x, y, w, b = _at(px, A * C * B, z), _at(py, A * C * B, z), _at(pw, C, z), _at(pb, C, z)
-    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    nchw_eval_par(x, y, x[:0], C, B, _at(pm, C, z), invstd, w, b, relu)
+def eval_runs_par(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
+    x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
+    nchw_eval_par(x, y, res, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_tiled_ser(px, py, pm, pv, pw, pb, A, C, B, eps, relu, z):
+def eval_tiled_ser(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
     """NCHW runs shorter than EVAL_TILED_B."""
-    x, y, w, b = _at(px, A * C * B, z), _at(py, A * C * B, z), _at(pw, C, z), _at(pb, C, z)
-    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    nchw_eval_tiled_ser(x, y, x[:0], A, C, B, _at(pm, C, z), invstd, w, b, relu)
+    x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
+    nchw_eval_tiled_ser(x, y, res, A, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_tiled_par(px, py, pm, pv, pw, pb, A, C, B, eps, relu, z):
-    x, y, w, b = _at(px, A * C * B, z), _at(py, A * C * B, z), _at(pw, C, z), _at(pb, C, z)
-    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    nchw_eval_tiled_par(x, y, x[:0], A, C, B, _at(pm, C, z), invstd, w, b, relu)
+def eval_tiled_par(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
+    x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
+    nchw_eval_tiled_par(x, y, res, A, C, B, mean, invstd, w, b, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_rows_ser(px, py, pm, pv, pw, pb, A, C, B, eps, relu, z):
+def eval_rows_ser(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
     """Channels-last and (N, C): rows of C interleaved channels (B is 1)."""
-    x, y, w, b = _at(px, A * C, z), _at(py, A * C, z), _at(pw, C, z), _at(pb, C, z)
-    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    cl_fwd_ser(x, y, x[:0], A, C, _at(pm, C, z), x[:0], invstd, w, b, _in_dtype(x, 0.0), False,
-               True, relu)  # fmt: skip
+    x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
+    cl_fwd_ser(x, y, res, A, C, mean, x[:0], invstd, w, b, z, False, True, relu)
 
 
 @njit(cache=True, error_model="numpy")
-def eval_rows_par(px, py, pm, pv, pw, pb, A, C, B, eps, relu, z):
-    x, y, w, b = _at(px, A * C, z), _at(py, A * C, z), _at(pw, C, z), _at(pb, C, z)
-    invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    cl_fwd_par(x, y, x[:0], A, C, _at(pm, C, z), x[:0], invstd, w, b, _in_dtype(x, 0.0), False,
-               True, relu)  # fmt: skip
+def eval_rows_par(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
+    x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
+    cl_fwd_par(x, y, res, A, C, mean, x[:0], invstd, w, b, z, False, True, relu)
 
 
 @njit(cache=True)
@@ -1441,47 +1448,102 @@ def update_running(rm, rv, mean, var, factor, unbias):
         rv[c] = rv[c] * keep + f * (var[c] * u)
 
 
-# Training forward without a gradient in one call (``numba_cpu.train_direct``): the statistics
-# and the normalisation of ``nchw_fwd_*`` / ``cl_fwd_*``, then ``update_running`` on the
-# running buffers (address 0: none): the general path's kernels, arithmetic and bytes.
-# Arguments: addresses of x, y, weight, bias, running mean and var, as for eval above.
+# Training forward in one call (``numba_cpu``'s direct paths): the statistics and the
+# normalisation of ``nchw_fwd_*`` / ``cl_fwd_*``, then ``update_running`` on the running
+# buffers (address 0: none): the general path's kernels, arithmetic and bytes. Addresses as
+# for eval above, the running buffers read and written; st (or a scratch array) gets all three.
+
+
+@njit(cache=True, inline="always")
+def _train_views(px, py, pres, pw, pb, pst, A, C, B, z):
+    n = A * C * B
+    x, y, res, w, b = _at(px, n, z), _at(py, n, z), _at(pres, n, z), _at(pw, C, z), _at(pb, C, z)
+    st = _at(pst, 3 * C, z) if pst != 0 else np.empty(3 * C, x.dtype)
+    return x, y, res, w, b, st[:C], st[C : 2 * C], st[2 * C :]
 
 
 @njit(cache=True)
-def train_runs_ser(px, py, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads, z):
-    x, y = _at(px, A * C * B, z), _at(py, A * C * B, z)
-    st = np.empty((3, C), x.dtype)  # mean, var, invstd
-    nchw_fwd_ser(x, y, x[:0], A, C, B, st[0], st[1], st[2], _at(pw, C, z), _at(pb, C, z),
-                 _in_dtype(x, eps), True, True, relu, threads)  # fmt: skip
+def train_runs_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
+                   pst, z):  # fmt: skip
+    x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
+    nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), True, True,
+                 relu, threads)  # fmt: skip
     if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), st[0], st[1], factor, unbias)
+        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
 
 
 @njit(cache=True)
-def train_runs_par(px, py, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads, z):
-    x, y = _at(px, A * C * B, z), _at(py, A * C * B, z)
-    st = np.empty((3, C), x.dtype)  # mean, var, invstd
-    nchw_fwd_par(x, y, x[:0], A, C, B, st[0], st[1], st[2], _at(pw, C, z), _at(pb, C, z),
-                 _in_dtype(x, eps), True, True, relu, threads)  # fmt: skip
+def train_runs_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
+                   pst, z):  # fmt: skip
+    x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
+    nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), True, True,
+                 relu, threads)  # fmt: skip
     if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), st[0], st[1], factor, unbias)
+        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
 
 
 @njit(cache=True)
-def train_rows_ser(px, py, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads, z):
-    x, y = _at(px, A * C, z), _at(py, A * C, z)
-    st = np.empty((3, C), x.dtype)  # mean, var, invstd
-    cl_fwd_ser(x, y, x[:0], A, C, st[0], st[1], st[2], _at(pw, C, z), _at(pb, C, z),
-               _in_dtype(x, eps), True, True, relu)  # fmt: skip
+def train_rows_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
+                   pst, z):  # fmt: skip
+    x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
+    cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), True, True, relu)
     if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), st[0], st[1], factor, unbias)
+        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
 
 
 @njit(cache=True)
-def train_rows_par(px, py, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads, z):
-    x, y = _at(px, A * C, z), _at(py, A * C, z)
-    st = np.empty((3, C), x.dtype)  # mean, var, invstd
-    cl_fwd_par(x, y, x[:0], A, C, st[0], st[1], st[2], _at(pw, C, z), _at(pb, C, z),
-               _in_dtype(x, eps), True, True, relu)  # fmt: skip
+def train_rows_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
+                   pst, z):  # fmt: skip
+    x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
+    cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), True, True, relu)
     if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), st[0], st[1], factor, unbias)
+        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
+
+
+# Backward in one call (``numba_cpu``'s direct autograd Function): ``nchw_bwd_*`` / ``cl_bwd_*``
+# with both sums. Addresses: dy, x, the fused relu's output y (its mask, or 0), dx (or 0:
+# not wanted), st (mean and invstd as the forward kept them), weight (or 0), and the two
+# sums (C each, written).
+
+
+@njit(cache=True, inline="always")
+def _bwd_views(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z):
+    n = A * C * B
+    x, st = _at(px, n, z), _at(pst, 3 * C, z)
+    dx = _at(pdx, n if do_dx else 0, z)
+    return (_at(pdy, n, z), x, _at(pmask, n, z), dx, st[:C], st[2 * C :], _at(pw, C, z),
+            _at(psdy, C, z), _at(psdyx, C, z))  # fmt: skip
+
+
+@njit(cache=True)
+def bwd_runs_ser(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_dx, training,
+                 threads, z):  # fmt: skip
+    dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
+        pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
+    nchw_bwd_ser(dy, x, mask, dx, A, C, B, mean, invstd, w, s_dy, s_dyx, count, True, do_dx,
+                 training, threads)  # fmt: skip
+
+
+@njit(cache=True)
+def bwd_runs_par(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_dx, training,
+                 threads, z):  # fmt: skip
+    dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
+        pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
+    nchw_bwd_par(dy, x, mask, dx, A, C, B, mean, invstd, w, s_dy, s_dyx, count, True, do_dx,
+                 training, threads)  # fmt: skip
+
+
+@njit(cache=True)
+def bwd_rows_ser(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_dx, training,
+                 threads, z):  # fmt: skip
+    dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
+        pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
+    cl_bwd_ser(dy, x, mask, dx, A, C, mean, invstd, w, s_dy, s_dyx, count, True, do_dx, training)
+
+
+@njit(cache=True)
+def bwd_rows_par(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_dx, training,
+                 threads, z):  # fmt: skip
+    dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
+        pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
+    cl_bwd_par(dy, x, mask, dx, A, C, mean, invstd, w, s_dy, s_dyx, count, True, do_dx, training)

@@ -23,6 +23,11 @@ one read and one write. The kernels live in ``_numba_kernels``.
   numba threads, so ``torch.set_num_threads`` sets both. numba's OpenMP layer runs on the
   system's libgomp, torch on its own bundled copy: two worker pools that take turns (calls are
   sequential, never nested). Tensors under ``PARALLEL_MIN`` elements run serially.
+* Two routes to the same kernels and bytes: the protocol's functions on canonical NumPy
+  views (the general path: any strides, half types), and the direct paths (``eval_direct``,
+  ``train_direct``, with ``_DirectBatchNormFunction`` when a graph is recorded): one kernel
+  call each way on NCHW-contiguous or channels-last float32/float64 tensors, by address,
+  without views or conversions, for the per-call cost of small layers.
 * Results are bitwise identical whatever the thread count, the state of numba's disk cache
   and the CPU model: no fast-math, sums in a fixed order (see ``_numba_kernels``).
 """
@@ -37,6 +42,7 @@ from torch.autograd.graph import increment_version
 
 from .. import _conventions as conventions
 from .._conventions import HALF_DTYPES, acc_dtype, invstd_from_var, momentum_factor
+from .._function import double_backward
 from . import _numba_kernels as K
 
 name = "numba"
@@ -224,14 +230,15 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _direct_io(x: Tensor, read, written=()) -> tuple | None:
-    """For the one-call paths: ``(A, C, B, y)`` with y a new tensor in x's memory format
-    (A * C * B values in memory order: NCHW runs, or rows of C), or None when x is empty or
-    not a float32/float64 tensor, NCHW-contiguous or channels-last, or a tensor in ``read``
-    or ``written`` is not contiguous of x's dtype, is a negative view (its bytes are not its
-    values), or one in ``written`` (updated in place) requires grad. The kernels then read
-    and write them by address (see ``_numba_kernels._at``); Parameters that require grad are
-    fine in ``read``: no graph is recorded on this path."""
+def _plan(x: Tensor, read, written=(), residual: Tensor | None = None) -> tuple | None:
+    """For the one-call paths: ``(A, C, B, fmt)``, x's memory format and its A * C * B values
+    in memory order (NCHW runs, or rows of C), or None when x is empty or not a
+    float32/float64 tensor, NCHW-contiguous or channels-last, or a tensor in ``read`` or
+    ``written`` is not contiguous of x's dtype, the residual not in x's format and dtype, one
+    of them is a negative view (its bytes are not its values), or one in ``written`` (updated
+    in place) requires grad. The kernels then read and write them by address (see
+    ``_numba_kernels._at``). Parameters that require grad are fine in ``read``: the kernels
+    record no graph, the autograd Function (``_DirectBatchNormFunction``) does."""
     n = x.numel()
     if n == 0 or x.dtype not in _NATIVE or x.is_neg():
         return None
@@ -242,22 +249,110 @@ def _direct_io(x: Tensor, read, written=()) -> tuple | None:
         if t is not None and t.requires_grad:
             return None
     N, C = x.shape[0], x.shape[1]
-    # empty_like costs half of torch.empty on tiny tensors; a subclass of Tensor gets
-    # torch.empty: a plain tensor, as the general path returns (the memory format is given:
-    # a tensor both contiguous and channels-last, C = 1, gets the general path's strides)
+    # (the memory format is checked in this order: a tensor both contiguous and channels-last,
+    # C = 1, is taken as NCHW, as the general path takes it)
     if x.is_contiguous():  # NCHW runs, or (N, C) rows
         fmt = torch.contiguous_format
     elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
         fmt = _CHANNELS_LAST[x.dim()]
     else:
         return None
-    if type(x) is Tensor:
-        y = torch.empty_like(x, memory_format=fmt)
-    else:
-        y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    if residual is not None and (
+        residual.dtype != x.dtype or not residual.is_contiguous(memory_format=fmt)
+        or residual.is_neg()
+    ):  # fmt: skip
+        return None
     if fmt is torch.contiguous_format:
-        return N, C, n // (N * C), y
-    return n // C, C, 1, y
+        return N, C, n // (N * C), fmt
+    return n // C, C, 1, fmt
+
+
+def _new(x: Tensor, fmt) -> Tensor:
+    """A new plain tensor like x in memory format ``fmt``. (empty_like costs half of
+    torch.empty on tiny tensors; a subclass of Tensor gets torch.empty: a plain tensor, as
+    the general path returns.)"""
+    if type(x) is Tensor:
+        return torch.empty_like(x, memory_format=fmt)
+    return torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+
+
+def _forward_call(x, weight, bias, residual, running_mean, running_var, plan, training, eps,
+                  relu, factor, st) -> Tensor:  # fmt: skip
+    """y from one kernel call: training (batch statistics; the running buffers, if given,
+    updated with ``factor``) or eval (from the running buffers); the statistics used go to
+    ``st`` (3 * C: mean, var, invstd) if it is given."""
+    A, C, B, fmt = plan
+    y = _new(x, fmt)
+    par = _threads_for(A * C * B)
+    head = (x.data_ptr(), y.data_ptr(), _address(residual))
+    tail = (A, C, B, float(eps), bool(relu))
+    pst, z = _address(st), _ZERO[x.dtype]
+    if training:
+        count = A * B
+        unbias = count / (count - 1) if count > 1 else 0.0
+        kernel = (K.train_runs_par if par else K.train_runs_ser) if B > 1 else (
+            K.train_rows_par if par else K.train_rows_ser)  # fmt: skip
+        kernel(*head, _address(weight), _address(bias), _address(running_mean),
+               _address(running_var), *tail, float(factor), unbias, par, pst, z)  # fmt: skip
+    else:
+        if B >= K.EVAL_TILED_B:
+            kernel = K.eval_runs_par if par else K.eval_runs_ser
+        elif B > 1:
+            kernel = K.eval_tiled_par if par else K.eval_tiled_ser
+        else:
+            kernel = K.eval_rows_par if par else K.eval_rows_ser
+        kernel(*head, running_mean.data_ptr(), running_var.data_ptr(), _address(weight),
+               _address(bias), *tail, pst, z)  # fmt: skip
+    return y
+
+
+class _DirectBatchNormFunction(torch.autograd.Function):
+    """The autograd Function of the direct paths: one kernel call forward (``_forward_call``)
+    and one backward (``K.bwd_*``), on the user's tensors as they are stored, without the
+    canonical views and NumPy conversions of the general path (``_function``), whose
+    arithmetic and bytes it gives. Double backward is the general path's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, plan, training, eps,
+                relu, factor):  # fmt: skip
+        st = torch.empty(3 * plan[1], dtype=x.dtype)  # mean, var, invstd
+        y = _forward_call(x, weight, bias, residual, running_mean, running_var, plan, training,
+                          eps, relu, factor, st)  # fmt: skip
+        ctx.plan, ctx.training, ctx.eps, ctx.relu = plan, training, eps, relu
+        ctx.save_for_backward(x, weight, bias, residual, y if relu else None, st)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, residual, y, st = ctx.saved_tensors
+        A, C, B, fmt = ctx.plan
+        need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+        nones = (None,) * 7  # running_mean ... factor
+        if torch.is_grad_enabled():  # create_graph=True: the general path's recomputation
+            mean, invstd = st[:C], st[2 * C :]
+            grads = double_backward(ctx, dy, x, weight, bias, residual, mean, invstd)
+            return (*grads, *nones)
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        if not dy.is_contiguous(memory_format=fmt) or dy.is_neg():
+            dy = dy.resolve_neg().contiguous(memory_format=fmt)
+        mask, dres = y, None
+        if need_dres:  # the residual's gradient: dy through the relu, materialised once
+            dres = dy if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
+            if not dres.is_contiguous(memory_format=fmt):
+                dres = dres.contiguous(memory_format=fmt)
+            dy, mask = dres, None
+        dx = _new(x, fmt) if need_dx else None
+        sum_dy, sum_dy_xhat = torch.empty(C, dtype=x.dtype), torch.empty(C, dtype=x.dtype)
+        par = _threads_for(A * C * B)
+        if B > 1:
+            kernel = K.bwd_runs_par if par else K.bwd_runs_ser
+        else:
+            kernel = K.bwd_rows_par if par else K.bwd_rows_ser
+        kernel(dy.data_ptr(), x.data_ptr(), _address(mask), _address(dx), st.data_ptr(),
+               _address(weight), sum_dy.data_ptr(), sum_dy_xhat.data_ptr(), A, C, B,
+               float(A * B), need_dx, ctx.training, par, _ZERO[x.dtype])  # fmt: skip
+        return (dx, sum_dy_xhat if need_dw else None, sum_dy if need_db else None, dres, *nones)
 
 
 def eval_direct(
@@ -268,33 +363,27 @@ def eval_direct(
     bias: Tensor | None,
     eps: float,
     relu: bool,
+    residual: Tensor | None = None,
+    grad: bool = False,
 ) -> Tensor | None:
-    """Eval from the running buffers in one kernel call, or None.
+    """Eval from the running buffers in one kernel call (``grad``: through
+    ``_DirectBatchNormFunction``, one kernel call backward too), or None.
 
-    The inference path (no gradient wanted, no residual): no canonical view, no separate
-    ``invstd`` (``K.eval_*`` compute it as ``invstd_from_var`` does), the same kernels and
-    bytes as ``normalize``. Every Python layer costs, and more so right after a big tensor has
-    streamed through the caches (a layer that takes 2 us warm was seen to take 15-50 us
-    then), so this path keeps few: the kernels take addresses, not NumPy views. Applies to
-    float32/float64 tensors, NCHW-contiguous or channels-last, with contiguous buffers of x's
-    dtype (the caller has validated shapes and dtypes); returns None otherwise, and the
-    general path runs.
+    No canonical view, no separate ``invstd`` (``K.eval_*`` compute it as ``invstd_from_var``
+    does), the same kernels and bytes as ``normalize``. Every Python layer costs, and more so
+    right after a big tensor has streamed through the caches (a layer that takes 2 us warm was
+    seen to take 15-50 us then), so this path keeps few: the kernels take addresses, not NumPy
+    views. Applies to float32/float64 tensors, NCHW-contiguous or channels-last, with
+    contiguous buffers of x's dtype (see ``_plan``; the caller has validated shapes and
+    dtypes); returns None otherwise, and the general path runs.
     """
-    io = _direct_io(x, (running_mean, running_var, weight, bias))
-    if io is None:
+    plan = _plan(x, (running_mean, running_var, weight, bias), (), residual)
+    if plan is None:
         return None
-    A, C, B, y = io
-    args = (x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
-            _address(weight), _address(bias), A, C, B, float(eps), bool(relu),
-            _ZERO[x.dtype])  # fmt: skip
-    par = _threads_for(A * C * B)
-    if B >= K.EVAL_TILED_B:
-        (K.eval_runs_par if par else K.eval_runs_ser)(*args)
-    elif B > 1:
-        (K.eval_tiled_par if par else K.eval_tiled_ser)(*args)
-    else:
-        (K.eval_rows_par if par else K.eval_rows_ser)(*args)
-    return y
+    args = (x, weight, bias, residual, running_mean, running_var, plan, False, eps, relu, 0.0)
+    if grad:
+        return _DirectBatchNormFunction.apply(*args)
+    return _forward_call(*args, None)
 
 
 def train_direct(
@@ -307,31 +396,27 @@ def train_direct(
     running_var: Tensor | None,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
+    residual: Tensor | None = None,
+    grad: bool = False,
 ) -> Tensor | None:
-    """Training forward without a gradient in one kernel call, or None: batch statistics,
-    normalisation and, with running buffers, their update. The same kernels and bytes as
-    ``forward_train`` then ``update_running_stats``, minus their Python layers (see
-    ``eval_direct``), and the general path's order of side effects: once this path applies,
-    ``num_batches_tracked`` is bumped and the momentum factor taken (``momentum_factor``)
-    before the buffers move, so a bump that fails leaves them untouched. None (nothing
-    touched) when the general path must run."""
-    io = _direct_io(x, (weight, bias), (running_mean, running_var))
-    if io is None:
+    """Training forward in one kernel call (``grad``: through ``_DirectBatchNormFunction``),
+    or None: batch statistics, normalisation and, with running buffers, their update. The
+    same kernels and bytes as ``forward_train`` then ``update_running_stats``, minus their
+    Python layers (see ``eval_direct``), and the general path's order of side effects: once
+    this path applies, ``num_batches_tracked`` is bumped and the momentum factor taken
+    (``momentum_factor``) before the buffers move, so a bump that fails leaves them
+    untouched. None (nothing touched) when the general path must run."""
+    plan = _plan(x, (weight, bias), (running_mean, running_var), residual)
+    if plan is None:
         return None
-    A, C, B, y = io
-    count = A * B
     update = running_mean is not None
     factor = 0.0
     if update:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         factor = momentum_factor(momentum, num_batches_tracked)
-    par = _threads_for(A * C * B)
-    kernel = (K.train_runs_par if par else K.train_runs_ser) if B > 1 else (
-        K.train_rows_par if par else K.train_rows_ser)  # fmt: skip
-    kernel(x.data_ptr(), y.data_ptr(), _address(weight), _address(bias),
-           _address(running_mean), _address(running_var), A, C, B, float(eps), bool(relu),
-           float(factor), count / (count - 1), par, _ZERO[x.dtype])  # fmt: skip
+    args = (x, weight, bias, residual, running_mean, running_var, plan, True, eps, relu, factor)
+    y = _DirectBatchNormFunction.apply(*args) if grad else _forward_call(*args, None)
     if update:
         increment_version(running_mean)
         increment_version(running_var)
