@@ -230,3 +230,22 @@ def test_inplace_op_on_output(backend, channels_last):
         grads.append((xi.grad, m.weight.grad, m.bias.grad))
     for a, b in zip(*grads):
         assert_close(b, a, torch.float32, "grad", 75)
+
+
+def test_torch_compile_runs_our_batch_norm_eagerly():
+    """torch.compile of a model with our BatchNorm2d: our batch norm runs eagerly between the
+    compiled parts (a graph break), with torch's numbers and buffers."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), batchnorm.BatchNorm2d(8), torch.nn.ReLU())
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    ref.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours)
+    x = torch.randn(4, 3, 10, 10)
+    y, y_ref = compiled(x), ref(x)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert_close(y, y_ref, torch.float32)
+    # (the conv's weight gradient sums 2k products, in inductor's order on one side)
+    torch.testing.assert_close(ours[0].weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(ours[1], name).double(), getattr(ref[1], name).double())
