@@ -1358,6 +1358,12 @@ def _invstd_from_running(var, eps, x):
 # contiguous tensors of the witness ``z``'s dtype, alive for the call; address 0 = absent.
 
 
+# The entries pass the kernels' flags as run-time values (``A >= 0`` for True, ``A < 0`` for
+# False), never as constants: numba would compile a second specialisation of the whole kernel
+# for a literal True (seconds of compile time per entry: 4.7 s for ``bwd_runs_par`` with the
+# kernel already compiled for the general path's plain bools).
+
+
 @intrinsic
 def _pointer(typingctx, address, z):
     """``address`` (an integer) as a pointer to values of z's (float) type."""
@@ -1390,10 +1396,11 @@ def _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z):
     n = A * C * B
     x, y, res, mean = _at(px, n, z), _at(py, n, z), _at(pres, n, z), _at(pm, C, z)
     invstd = _invstd_from_running(_at(pv, C, z), eps, x)
-    if pst != 0:
+    if pst != 0:  # (a loop: slice assignment costs a second of compile time per entry)
         st = _at(pst, 3 * C, z)
-        st[:C] = mean
-        st[2 * C :] = invstd
+        for c in range(C):
+            st[c] = mean[c]
+            st[2 * C + c] = invstd[c]
     return x, y, res, mean, invstd, _at(pw, C, z), _at(pb, C, z)
 
 
@@ -1427,13 +1434,13 @@ def eval_tiled_par(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
 def eval_rows_ser(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
     """Channels-last and (N, C): rows of C interleaved channels (B is 1)."""
     x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
-    cl_fwd_ser(x, y, res, A, C, mean, x[:0], invstd, w, b, z, False, True, relu)
+    cl_fwd_ser(x, y, res, A, C, mean, x[:0], invstd, w, b, z, A < 0, A >= 0, relu)
 
 
 @njit(cache=True, error_model="numpy")
 def eval_rows_par(px, py, pres, pm, pv, pw, pb, A, C, B, eps, relu, pst, z):
     x, y, res, mean, invstd, w, b = _eval_views(px, py, pres, pm, pv, pw, pb, A, C, B, eps, pst, z)
-    cl_fwd_par(x, y, res, A, C, mean, x[:0], invstd, w, b, z, False, True, relu)
+    cl_fwd_par(x, y, res, A, C, mean, x[:0], invstd, w, b, z, A < 0, A >= 0, relu)
 
 
 @njit(cache=True)
@@ -1466,7 +1473,7 @@ def _train_views(px, py, pres, pw, pb, pst, A, C, B, z):
 def train_runs_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
                    pst, z):  # fmt: skip
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
-    nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), True, True,
+    nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0,
                  relu, threads)  # fmt: skip
     if prm != 0:
         update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
@@ -1476,7 +1483,7 @@ def train_runs_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
 def train_runs_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
                    pst, z):  # fmt: skip
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
-    nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), True, True,
+    nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0,
                  relu, threads)  # fmt: skip
     if prm != 0:
         update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
@@ -1486,7 +1493,7 @@ def train_runs_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
 def train_rows_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
                    pst, z):  # fmt: skip
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
-    cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), True, True, relu)
+    cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0, relu)
     if prm != 0:
         update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
 
@@ -1495,7 +1502,7 @@ def train_rows_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
 def train_rows_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, unbias, threads,
                    pst, z):  # fmt: skip
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
-    cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), True, True, relu)
+    cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0, relu)
     if prm != 0:
         update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
 
@@ -1520,7 +1527,7 @@ def bwd_runs_ser(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_d
                  threads, z):  # fmt: skip
     dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
         pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
-    nchw_bwd_ser(dy, x, mask, dx, A, C, B, mean, invstd, w, s_dy, s_dyx, count, True, do_dx,
+    nchw_bwd_ser(dy, x, mask, dx, A, C, B, mean, invstd, w, s_dy, s_dyx, count, A >= 0, do_dx,
                  training, threads)  # fmt: skip
 
 
@@ -1529,7 +1536,7 @@ def bwd_runs_par(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_d
                  threads, z):  # fmt: skip
     dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
         pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
-    nchw_bwd_par(dy, x, mask, dx, A, C, B, mean, invstd, w, s_dy, s_dyx, count, True, do_dx,
+    nchw_bwd_par(dy, x, mask, dx, A, C, B, mean, invstd, w, s_dy, s_dyx, count, A >= 0, do_dx,
                  training, threads)  # fmt: skip
 
 
@@ -1538,7 +1545,7 @@ def bwd_rows_ser(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_d
                  threads, z):  # fmt: skip
     dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
         pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
-    cl_bwd_ser(dy, x, mask, dx, A, C, mean, invstd, w, s_dy, s_dyx, count, True, do_dx, training)
+    cl_bwd_ser(dy, x, mask, dx, A, C, mean, invstd, w, s_dy, s_dyx, count, A >= 0, do_dx, training)
 
 
 @njit(cache=True)
@@ -1546,4 +1553,4 @@ def bwd_rows_par(pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, count, do_d
                  threads, z):  # fmt: skip
     dy, x, mask, dx, mean, invstd, w, s_dy, s_dyx = _bwd_views(
         pdy, px, pmask, pdx, pst, pw, psdy, psdyx, A, C, B, do_dx, z)  # fmt: skip
-    cl_bwd_par(dy, x, mask, dx, A, C, mean, invstd, w, s_dy, s_dyx, count, True, do_dx, training)
+    cl_bwd_par(dy, x, mask, dx, A, C, mean, invstd, w, s_dy, s_dyx, count, A >= 0, do_dx, training)
