@@ -32,9 +32,6 @@ __all__ = ["batch_norm", "ACTIVATIONS"]
 ACTIVATIONS = (None, "relu")
 
 
-# torch.compile traces Python, not numba: it runs batch_norm eagerly (a graph break) instead
-# of failing inside dynamo on our kernels' calls (0.3 us per eager call).
-@torch.compiler.disable
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -69,7 +66,16 @@ def batch_norm(
 
     Input is validated before anything moves: a call that raises leaves the buffers and
     ``num_batches_tracked`` untouched.
+
+    Under ``torch.compile`` this runs eagerly, between compiled graphs (dynamo traces Python,
+    not numba kernels).
     """
+    if torch.compiler.is_compiling():
+        return _eager(batch_norm)(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked=num_batches_tracked, residual=residual, activation=activation,
+            backend=backend,
+        )  # fmt: skip
     _validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         num_batches_tracked, residual, activation,
@@ -110,6 +116,15 @@ def batch_norm(
         update_stats = getattr(kernel, "update_running_stats", update_running_stats)
         update_stats(running_mean, running_var, mean, var, count, factor)
     return y
+
+
+def _eager(fn):
+    """``fn`` excluded from torch.compile's tracing: a graph break, then fn runs eagerly.
+    (torch._dynamo is imported here, when something is being compiled, not with this package:
+    it costs 0.7 s to import.)"""
+    import torch._dynamo
+
+    return torch._dynamo.disable(fn, recursive=True)
 
 
 def _direct(kernel, x, running_mean, running_var, weight, bias, use_batch_stats, update,
