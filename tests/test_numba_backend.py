@@ -472,7 +472,7 @@ def test_direct_paths_return_plain_tensors_for_subclasses():
                                                   backend="numba"))  # fmt: skip
 
 
-# --- eval without a gradient: one direct kernel call, the general path's bytes ------------
+# --- the direct paths (one kernel call each way): the general path's bytes ---------------
 
 DIRECT = [
     ((7, 5), False),  # (N, C)
@@ -817,3 +817,70 @@ def test_a_failing_direct_call_leaves_the_running_buffers_as_torch_does():
             m(x)
     assert [_bytes(t) for t in (ours.running_mean, ours.running_var)] == [_bytes(t) for t in before]
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+
+
+@pytest.mark.parametrize(
+    "pack",
+    [lambda t: t.contiguous(), lambda t: t.half() if t.is_floating_point() else t],
+    ids=["contiguous", "half"],
+)
+def test_direct_function_reads_what_saved_tensor_hooks_give_back(pack, monkeypatch):
+    """Saved-tensor hooks may hand back another layout or dtype than the one saved; the direct
+    backward reads by address, so it brings them back to x's: the general path's bytes when
+    only the layout changed (both read the same values), its numbers to half precision when
+    the hook rounds to half (the paths save different tensors)."""
+    x = make_input((4, 3, 5, 5), channels_last=True)
+    dy = make_input((4, 3, 5, 5), channels_last=True, seed=8)
+    out = []
+    for general in (False, True):
+        with monkeypatch.context() as m:
+            if general:
+                _general_path(m)
+            xg = x.clone().requires_grad_(True)
+            w = torch.rand(3, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = BF.batch_norm(xg, None, None, w, None, True, activation="relu",
+                                  backend="numba")  # fmt: skip
+            out.append(torch.autograd.grad(y, (xg, w), dy))
+    for a, b in zip(*out):
+        assert a.dtype == b.dtype == torch.float32 and _strides(a) == _strides(b)
+        if pack(torch.ones(1)).dtype == torch.float32:  # the layout changed: the same bytes
+            assert _bytes(a) == _bytes(b)
+        else:  # the two paths save different tensors, each rounded to half
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_direct_function_sides_effects_as_torch():
+    """A call that fails inside the autograd Function (an inference tensor cannot be saved)
+    moves no buffer; eval saves the running buffers, so changing them in place before the
+    backward raises, as torch does."""
+    with torch.inference_mode():
+        x = make_input((4, 3, 5, 5))
+    for fn in (BF.batch_norm, torch.nn.functional.batch_norm):
+        rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+        extra = {"num_batches_tracked": nbt} if fn is BF.batch_norm else {}
+        with pytest.raises(RuntimeError, match="[Ii]nference"):
+            fn(x, rm, rv, torch.ones(3, requires_grad=True), None, True, **extra)
+        assert rm.tolist() == [0.0] * 3 and rv.tolist() == [1.0] * 3 and int(nbt) == 0
+    x = make_input((4, 3, 5, 5)).requires_grad_(True)
+    for fn in (BF.batch_norm, torch.nn.functional.batch_norm):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        y = fn(x, rm, rv, None, None, False)
+        rm.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_export_fails_with_torchs_message_not_a_recursion():
+    """Non-strict torch.export traces with fake tensors, which our kernels cannot read: it
+    fails with torch's error, not by batch_norm handing itself to itself."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nb_module(4)).eval()
+    with pytest.raises(Exception) as info:
+        torch.export.export(m, (torch.randn(2, 3, 8, 8),), strict=False)
+    assert not isinstance(info.value, RecursionError)
+
+
+def nb_module(C):
+    import batchnorm
+
+    return batchnorm.BatchNorm2d(C)

@@ -28,8 +28,8 @@ def invstd_from_var(var: Tensor, eps: float) -> Tensor:
     (torch's training kernel would return 0 where ``var + eps == 0``, but training requires
     ``eps > 0``, so that never happens; in eval a zero ``running_var`` with ``eps=0`` gives inf,
     as in torch.) On CPU it runs in NumPy: the same IEEE sqrt and division, without a torch
-    dispatch per op. (Eval without a gradient on the numba backend computes it inside its
-    one kernel call instead, with the same float ops: ``_invstd_from_running``.)
+    dispatch per op. (Eval on the numba backend's direct path computes it inside its one
+    kernel call instead, with the same float ops: ``_invstd_from_running``.)
     """
     if _numpy_ok(var):
         with np.errstate(divide="ignore"):  # inf, as torch, for running_var + eps == 0

@@ -1,4 +1,6 @@
-"""The one ``torch.autograd.Function`` every batch norm of this package runs through.
+"""The general ``torch.autograd.Function``: every batch norm of this package that a
+backend's direct path does not take (for the numba backend, ``numba_cpu._DirectBatchNormFunction``
+takes contiguous and channels-last float32/float64 tensors) runs through it.
 
 Forward and backward call a backend (``batchnorm.backends``) on the canonical (A, C, B) view;
 the module never knows which kernel ran. Double backward (``create_graph=True``) recomputes

@@ -70,12 +70,15 @@ def batch_norm(
     Under ``torch.compile`` this runs eagerly, between compiled graphs (dynamo traces Python,
     not numba kernels).
     """
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked, residual, activation, backend)  # fmt: skip
     if torch.compiler.is_compiling():
-        return _eager(batch_norm)(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            num_batches_tracked=num_batches_tracked, residual=residual, activation=activation,
-            backend=backend,
-        )  # fmt: skip
+        return _eager(_batch_norm)(*args)
+    return _batch_norm(*args)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                num_batches_tracked, residual, activation, backend) -> Tensor:  # fmt: skip
     _validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         num_batches_tracked, residual, activation,

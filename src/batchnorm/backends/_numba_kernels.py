@@ -1329,7 +1329,7 @@ def cl_bwd_ser(
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
 
 
-# -------------------------------------------- one call for a whole call without a gradient
+# -------------------------------------------- one call each way (the direct paths)
 
 
 @njit(cache=True)
@@ -1453,6 +1453,14 @@ def update_running(rm, rv, mean, var, factor, unbias):
     for c in range(rm.size):
         rm[c] = rm[c] * keep + f * mean[c]
         rv[c] = rv[c] * keep + f * (var[c] * u)
+
+
+@njit(cache=True)
+def update_running_at(prm, prv, pst, C, factor, unbias, z):
+    """``update_running`` on the running buffers at ``prm``/``prv`` from the batch mean and
+    var in ``st`` (3 * C: mean, var, invstd), after a direct call with a graph."""
+    st = _at(pst, 3 * C, z)
+    update_running(_at(prm, C, z), _at(prv, C, z), st[:C], st[C : 2 * C], factor, unbias)
 
 
 # Training forward in one call (``numba_cpu``'s direct paths): the statistics and the

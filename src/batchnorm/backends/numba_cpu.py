@@ -306,44 +306,56 @@ def _forward_call(x, weight, bias, residual, running_mean, running_var, plan, tr
     return y
 
 
+def _stored(t: Tensor | None, dtype: torch.dtype, fmt) -> Tensor | None:
+    """``t`` as the kernels read it by address: of ``dtype``, contiguous in ``fmt``, not a
+    negative view; copied only if it is not (saved-tensor hooks may hand back another layout
+    or dtype than the one saved)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous(memory_format=fmt) and not t.is_neg()):
+        return t
+    return t.resolve_neg().to(dtype).contiguous(memory_format=fmt)
+
+
 class _DirectBatchNormFunction(torch.autograd.Function):
     """The autograd Function of the direct paths: one kernel call forward (``_forward_call``)
     and one backward (``K.bwd_*``), on the user's tensors as they are stored, without the
     canonical views and NumPy conversions of the general path (``_function``), whose
-    arithmetic and bytes it gives. Double backward is the general path's."""
+    arithmetic and bytes it gives. Double backward is the general path's.
+
+    ``st`` (3 * C, x's dtype) receives the statistics used (mean, var, invstd). Training
+    leaves the running buffers alone (the caller updates them from ``st`` once the Function
+    has returned, so a call that fails moves nothing); eval reads them, and saves them, so
+    that an in-place change before the backward raises, as torch's does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, plan, training, eps,
-                relu, factor):  # fmt: skip
-        st = torch.empty(3 * plan[1], dtype=x.dtype)  # mean, var, invstd
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, st, plan, training,
+                eps, relu):  # fmt: skip
         y = _forward_call(x, weight, bias, residual, running_mean, running_var, plan, training,
-                          eps, relu, factor, st)  # fmt: skip
-        ctx.plan, ctx.training, ctx.eps, ctx.relu = plan, training, eps, relu
-        ctx.save_for_backward(x, weight, bias, residual, y if relu else None, st)
+                          eps, relu, 0.0, st)  # fmt: skip
+        ctx.plan, ctx.training, ctx.eps, ctx.relu, ctx.dtype = plan, training, eps, relu, x.dtype
+        saved = (x, weight, bias, residual, y if relu else None, st)
+        ctx.save_for_backward(*saved, running_mean, running_var)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, residual, y, st = ctx.saved_tensors
+        x, weight, bias, residual, y, st = ctx.saved_tensors[:6]
         A, C, B, fmt = ctx.plan
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
-        nones = (None,) * 7  # running_mean ... factor
+        nones = (None,) * 7  # running_mean ... relu
         if torch.is_grad_enabled():  # create_graph=True: the general path's recomputation
             mean, invstd = st[:C], st[2 * C :]
             grads = double_backward(ctx, dy, x, weight, bias, residual, mean, invstd)
             return (*grads, *nones)
-        if dy.dtype != x.dtype:
-            dy = dy.to(x.dtype)
-        if not dy.is_contiguous(memory_format=fmt) or dy.is_neg():
-            dy = dy.resolve_neg().contiguous(memory_format=fmt)
+        dtype, flat = ctx.dtype, torch.contiguous_format
+        x, y, dy = _stored(x, dtype, fmt), _stored(y, dtype, fmt), _stored(dy, dtype, fmt)
+        st, weight = _stored(st, dtype, flat), _stored(weight, dtype, flat)
         mask, dres = y, None
         if need_dres:  # the residual's gradient: dy through the relu, materialised once
             dres = dy if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
-            if not dres.is_contiguous(memory_format=fmt):
-                dres = dres.contiguous(memory_format=fmt)
+            dres = _stored(dres, dtype, fmt)
             dy, mask = dres, None
         dx = _new(x, fmt) if need_dx else None
-        sum_dy, sum_dy_xhat = torch.empty(C, dtype=x.dtype), torch.empty(C, dtype=x.dtype)
+        sum_dy, sum_dy_xhat = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
         par = _threads_for(A * C * B)
         if B > 1:
             kernel = K.bwd_runs_par if par else K.bwd_runs_ser
@@ -351,7 +363,7 @@ class _DirectBatchNormFunction(torch.autograd.Function):
             kernel = K.bwd_rows_par if par else K.bwd_rows_ser
         kernel(dy.data_ptr(), x.data_ptr(), _address(mask), _address(dx), st.data_ptr(),
                _address(weight), sum_dy.data_ptr(), sum_dy_xhat.data_ptr(), A, C, B,
-               float(A * B), need_dx, ctx.training, par, _ZERO[x.dtype])  # fmt: skip
+               float(A * B), need_dx, ctx.training, par, _ZERO[dtype])  # fmt: skip
         return (dx, sum_dy_xhat if need_dw else None, sum_dy if need_db else None, dres, *nones)
 
 
@@ -380,10 +392,12 @@ def eval_direct(
     plan = _plan(x, (running_mean, running_var, weight, bias), (), residual)
     if plan is None:
         return None
-    args = (x, weight, bias, residual, running_mean, running_var, plan, False, eps, relu, 0.0)
     if grad:
-        return _DirectBatchNormFunction.apply(*args)
-    return _forward_call(*args, None)
+        st = torch.empty(3 * plan[1], dtype=x.dtype)
+        return _DirectBatchNormFunction.apply(x, weight, bias, residual, running_mean,
+                                              running_var, st, plan, False, eps, relu)  # fmt: skip
+    return _forward_call(x, weight, bias, residual, running_mean, running_var, plan, False, eps,
+                         relu, 0.0, None)  # fmt: skip
 
 
 def train_direct(
@@ -402,21 +416,35 @@ def train_direct(
     """Training forward in one kernel call (``grad``: through ``_DirectBatchNormFunction``),
     or None: batch statistics, normalisation and, with running buffers, their update. The
     same kernels and bytes as ``forward_train`` then ``update_running_stats``, minus their
-    Python layers (see ``eval_direct``), and the general path's order of side effects: once
-    this path applies, ``num_batches_tracked`` is bumped and the momentum factor taken
-    (``momentum_factor``) before the buffers move, so a bump that fails leaves them
-    untouched. None (nothing touched) when the general path must run."""
+    Python layers (see ``eval_direct``). Side effects in the general path's order: a call
+    that raises moves nothing. Without a graph, ``num_batches_tracked`` is bumped and the
+    momentum factor taken (``momentum_factor``) before the one kernel call that also updates
+    the buffers, so a bump that fails leaves them untouched; with a graph, the buffers move
+    after the Function has returned (``K.update_running_at``), as in the general path. None
+    (nothing touched) when the general path must run."""
     plan = _plan(x, (weight, bias), (running_mean, running_var), residual)
     if plan is None:
         return None
+    A, C, B, _ = plan
     update = running_mean is not None
+    if grad:
+        st = torch.empty(3 * C, dtype=x.dtype)  # mean, var, invstd
+        y = _DirectBatchNormFunction.apply(x, weight, bias, residual, None, None, st, plan, True,
+                                           eps, relu)  # fmt: skip
     factor = 0.0
     if update:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         factor = momentum_factor(momentum, num_batches_tracked)
-    args = (x, weight, bias, residual, running_mean, running_var, plan, True, eps, relu, factor)
-    y = _DirectBatchNormFunction.apply(*args) if grad else _forward_call(*args, None)
+    if grad:
+        if update:
+            count = A * B
+            K.update_running_at(running_mean.data_ptr(), running_var.data_ptr(), st.data_ptr(),
+                                C, float(factor), count / (count - 1) if count > 1 else 0.0,
+                                _ZERO[x.dtype])  # fmt: skip
+    else:
+        y = _forward_call(x, weight, bias, residual, running_mean, running_var, plan, True, eps,
+                          relu, factor, None)  # fmt: skip
     if update:
         increment_version(running_mean)
         increment_version(running_var)
