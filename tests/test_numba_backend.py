@@ -503,6 +503,17 @@ def _general_path(monkeypatch) -> None:
     monkeypatch.setattr(nb, "train_direct", lambda *a: None)
 
 
+def _on_both_paths(monkeypatch, run) -> list:
+    """``[run()]`` on the direct path, then on the general path (``_general_path``)."""
+    out = []
+    for general in (False, True):
+        with monkeypatch.context() as m:
+            if general:
+                _general_path(m)
+            out.append(run())
+    return out
+
+
 def _spy(monkeypatch, *names) -> list:
     """Wrap these numba_cpu functions so that each call appends its name; returns the list."""
     calls = []
@@ -745,15 +756,13 @@ def test_direct_function_takes_odd_gradients(monkeypatch):
     x = make_input((4, 5, 6, 3), channels_last=True)
     dy_cl = make_input((4, 5, 6, 3), channels_last=True, seed=6)
     for dy in (dy_cl.contiguous(), torch.ones(()).expand(4, 5, 6, 3), torch._neg_view(dy_cl)):
-        out = []
-        for general in (False, True):
-            with monkeypatch.context() as m:
-                if general:
-                    _general_path(m)
-                xg = x.clone().requires_grad_(True)
-                y = BF.batch_norm(xg, None, None, training=True, activation="relu",
-                                  backend="numba")  # fmt: skip
-                out.append(torch.autograd.grad(y, xg, dy)[0])
+
+        def run(dy=dy):
+            xg = x.clone().requires_grad_(True)
+            y = BF.batch_norm(xg, None, None, training=True, activation="relu", backend="numba")
+            return torch.autograd.grad(y, xg, dy)[0]
+
+        out = _on_both_paths(monkeypatch, run)
         assert out[0].stride() == out[1].stride() and _bytes(out[0]) == _bytes(out[1])
 
 
@@ -831,18 +840,15 @@ def test_direct_function_reads_what_saved_tensor_hooks_give_back(pack, monkeypat
     the hook rounds to half (the paths save different tensors)."""
     x = make_input((4, 3, 5, 5), channels_last=True)
     dy = make_input((4, 3, 5, 5), channels_last=True, seed=8)
-    out = []
-    for general in (False, True):
-        with monkeypatch.context() as m:
-            if general:
-                _general_path(m)
-            xg = x.clone().requires_grad_(True)
-            w = torch.rand(3, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                y = BF.batch_norm(xg, None, None, w, None, True, activation="relu",
-                                  backend="numba")  # fmt: skip
-            out.append(torch.autograd.grad(y, (xg, w), dy))
-    for a, b in zip(*out):
+
+    def run():
+        xg = x.clone().requires_grad_(True)
+        w = torch.rand(3, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = BF.batch_norm(xg, None, None, w, None, True, activation="relu", backend="numba")
+        return torch.autograd.grad(y, (xg, w), dy)
+
+    for a, b in zip(*_on_both_paths(monkeypatch, run)):
         assert a.dtype == b.dtype == torch.float32 and _strides(a) == _strides(b)
         if pack(torch.ones(1)).dtype == torch.float32:  # the layout changed: the same bytes
             assert _bytes(a) == _bytes(b)
