@@ -656,10 +656,14 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     """Runs [j * per_item, (j + 1) * per_item) of the A * C runs of B values, in memory order;
     sct: (2, C) scale and shift in x's dtype."""
     runs = y.size // B
-    for q in range(j * per_item, min(runs, (j + 1) * per_item)):
-        c = q % C
+    q0 = j * per_item
+    c = q0 % C  # then counted up: no division per run
+    for q in range(q0, min(runs, (j + 1) * per_item)):
         lo, hi = q * B, (q + 1) * B
         _normalize_run(x[lo:hi], y[lo:hi], res[lo:hi], sct[0, c], sct[1, c], relu)
+        c += 1
+        if c == C:
+            c = 0
 
 
 @njit(cache=True)
