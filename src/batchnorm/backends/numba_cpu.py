@@ -267,6 +267,12 @@ def _plan(x: Tensor, read, written=(), residual: Tensor | None = None) -> tuple 
     return n // C, C, 1, fmt
 
 
+def _unbias(count: int) -> float:
+    """``n / (n - 1)``, the factor from the biased to the unbiased variance (training
+    validates n > 1; 0.0 stands in otherwise, where it is never used)."""
+    return count / (count - 1) if count > 1 else 0.0
+
+
 def _new(x: Tensor, fmt) -> Tensor:
     """A new plain tensor like x in memory format ``fmt``. (empty_like costs half of
     torch.empty on tiny tensors; a subclass of Tensor gets torch.empty: a plain tensor, as
@@ -288,12 +294,11 @@ def _forward_call(x, weight, bias, residual, running_mean, running_var, plan, tr
     tail = (A, C, B, float(eps), bool(relu))
     pst, z = _address(st), _ZERO[x.dtype]
     if training:
-        count = A * B
-        unbias = count / (count - 1) if count > 1 else 0.0
         kernel = (K.train_runs_par if par else K.train_runs_ser) if B > 1 else (
             K.train_rows_par if par else K.train_rows_ser)  # fmt: skip
         kernel(*head, _address(weight), _address(bias), _address(running_mean),
-               _address(running_var), *tail, float(factor), unbias, par, pst, z)  # fmt: skip
+               _address(running_var), *tail, float(factor), _unbias(A * B), par, pst,
+               z)  # fmt: skip
     else:
         if B >= K.EVAL_TILED_B:
             kernel = K.eval_runs_par if par else K.eval_runs_ser
@@ -438,10 +443,8 @@ def train_direct(
         factor = momentum_factor(momentum, num_batches_tracked)
     if grad:
         if update:
-            count = A * B
             K.update_running_at(running_mean.data_ptr(), running_var.data_ptr(), st.data_ptr(),
-                                C, float(factor), count / (count - 1) if count > 1 else 0.0,
-                                _ZERO[x.dtype])  # fmt: skip
+                                C, float(factor), _unbias(A * B), _ZERO[x.dtype])  # fmt: skip
     else:
         y = _forward_call(x, weight, bias, residual, running_mean, running_var, plan, True, eps,
                           relu, factor, None)  # fmt: skip
