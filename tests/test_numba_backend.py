@@ -890,3 +890,40 @@ def nb_module(C):
     import batchnorm
 
     return batchnorm.BatchNorm2d(C)
+
+
+def test_direct_function_rejects_saved_tensors_of_another_shape():
+    """A saved-tensor hook that hands back a smaller tensor: a clear error, not a read or
+    write past its end."""
+    x = make_input((6, 4, 5, 5)).requires_grad_(True)
+
+    def unpack(t):
+        return t[:1].clone() if t.dim() == 4 else t
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        y = BF.batch_norm(x, None, None, training=True, backend="numba")
+    with pytest.raises(RuntimeError, match=r"came back with shape \(1, 4, 5, 5\)"):
+        y.sum().backward()
+
+
+def test_tensors_without_storage_of_their_own_are_not_read_by_address():
+    """Wrapper subclasses (``__torch_dispatch__``, here torch's TwoTensor) have address 0:
+    the direct paths decline them as input, parameter or buffer, and a gradient of that kind
+    goes through the recomputation, with torch's numbers."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = make_input((4, 3, 5, 5))
+    rm, rv, w = torch.zeros(3), torch.ones(3), torch.rand(3) + 0.5
+    two = lambda t: TwoTensor(t.clone(), t.clone())  # noqa: E731
+    assert nb.eval_direct(two(x), rm, rv, w, None, 1e-5, False) is None
+    assert nb.eval_direct(x, rm, two(rv), w, None, 1e-5, False) is None
+    assert nb.train_direct(x, two(w), None, 1e-5, False, None, None, 0.1, None) is None
+    assert nb.train_direct(x, w, None, 1e-5, False, two(rm), rv, 0.1, None) is None
+    dy = make_input((4, 3, 5, 5), seed=3)
+    xg = x.clone().requires_grad_(True)
+    ours = torch.autograd.grad(BF.batch_norm(xg, None, None, w, None, True), xg, two(dy))[0]
+    want = torch.autograd.grad(torch.nn.functional.batch_norm(xg, None, None, w, None, True),
+                               xg, dy)[0]  # fmt: skip
+    assert type(ours) is TwoTensor
+    assert_close(ours.a, want, torch.float32)
+    assert_close(ours.b, want, torch.float32)

@@ -20,9 +20,9 @@ each must give the general path's bytes, gradients included):
   -> y or None``: eval of the user's tensor in one call (``grad``: a graph is recorded, with
   a backward of its own), or None when the general path must run;
 * ``train_direct(x, weight, bias, eps, relu, running_mean, running_var, momentum,
-  num_batches_tracked, residual, grad) -> y or None``: training forward in one call, running
-  update and ``num_batches_tracked`` included (in the general path's order), or None
-  (nothing touched);
+  num_batches_tracked, residual, grad) -> y or None``: training forward in one call (with a graph,
+  the running update in a second one after it), running update and ``num_batches_tracked``
+  included (in the general path's order), or None (nothing touched);
 * ``update_running_stats(running_mean, running_var, mean, var, count, factor)``: the
   running-statistics update of ``_conventions``, in place.
 

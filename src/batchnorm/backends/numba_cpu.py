@@ -230,20 +230,44 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+_TENSOR_DISPATCH = Tensor.__torch_dispatch__
+
+
+def _has_storage(t: Tensor) -> bool:
+    """Whether t's values sit at ``t.data_ptr()``: plain tensors and Parameters, and
+    subclasses that do not override ``__torch_dispatch__`` (wrapper subclasses such as
+    ``TwoTensor`` have no storage of their own: address 0)."""
+    if type(t) in _PLAIN:
+        return True
+    return getattr(type(t), "__torch_dispatch__", None) is _TENSOR_DISPATCH and t.data_ptr() != 0
+
+
+def _addressable(*tensors) -> bool:
+    """Whether every tensor given (None: absent) has storage of its own."""
+    for t in tensors:
+        if t is not None and not _has_storage(t):
+            return False
+    return True
+
+
 def _plan(x: Tensor, read, written=(), residual: Tensor | None = None) -> tuple | None:
     """For the one-call paths: ``(A, C, B, fmt)``, x's memory format and its A * C * B values
     in memory order (NCHW runs, or rows of C), or None when x is empty or not a
     float32/float64 tensor, NCHW-contiguous or channels-last, or a tensor in ``read`` or
     ``written`` is not contiguous of x's dtype, the residual not in x's format and dtype, one
     of them is a negative view (its bytes are not its values), or one in ``written`` (updated
-    in place) requires grad. The kernels then read and write them by address (see
+    in place) requires grad, or one has no storage of its own (``_has_storage``). The kernels
+    then read and write them by address (see
     ``_numba_kernels._at``). Parameters that require grad are fine in ``read``: the kernels
     record no graph, the autograd Function (``_DirectBatchNormFunction``) does."""
     n = x.numel()
-    if n == 0 or x.dtype not in _NATIVE or x.is_neg():
+    if n == 0 or x.dtype not in _NATIVE or x.is_neg() or not _has_storage(x):
         return None
     for t in (*read, *written):
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.is_neg()):
+        if t is not None and (
+            t.dtype != x.dtype or not t.is_contiguous() or t.is_neg() or not _has_storage(t)
+        ):
             return None
     for t in written:
         if t is not None and t.requires_grad:
@@ -259,7 +283,7 @@ def _plan(x: Tensor, read, written=(), residual: Tensor | None = None) -> tuple 
         return None
     if residual is not None and (
         residual.dtype != x.dtype or not residual.is_contiguous(memory_format=fmt)
-        or residual.is_neg()
+        or residual.is_neg() or not _has_storage(residual)
     ):  # fmt: skip
         return None
     if fmt is torch.contiguous_format:
@@ -311,11 +335,19 @@ def _forward_call(x, weight, bias, residual, running_mean, running_var, plan, tr
     return y
 
 
-def _stored(t: Tensor | None, dtype: torch.dtype, fmt) -> Tensor | None:
-    """``t`` as the kernels read it by address: of ``dtype``, contiguous in ``fmt``, not a
-    negative view; copied only if it is not (saved-tensor hooks may hand back another layout
-    or dtype than the one saved)."""
-    if t is None or (t.dtype == dtype and t.is_contiguous(memory_format=fmt) and not t.is_neg()):
+def _stored(t: Tensor | None, shape, dtype: torch.dtype, fmt) -> Tensor | None:
+    """``t`` as the kernels read it by address: of ``shape`` and ``dtype``, contiguous in
+    ``fmt``, not a negative view; copied if it is not (saved-tensor
+    hooks may hand back another layout or dtype than the one saved). Another shape raises:
+    the kernels would read or write past its end."""
+    if t is None:
+        return t
+    if t.shape != shape:
+        raise RuntimeError(
+            f"batch_norm backward: a saved tensor came back with shape {tuple(t.shape)}, "
+            f"expected {tuple(shape)} (a saved_tensors_hooks unpack that changes shapes?)"
+        )
+    if t.dtype == dtype and t.is_contiguous(memory_format=fmt) and not t.is_neg():
         return t
     return t.resolve_neg().to(dtype).contiguous(memory_format=fmt)
 
@@ -326,8 +358,9 @@ class _DirectBatchNormFunction(torch.autograd.Function):
     canonical views and NumPy conversions of the general path (``_function``), whose
     arithmetic and bytes it gives. Double backward is the general path's.
 
-    ``st`` (3 * C, x's dtype) receives the statistics used (mean, var, invstd). Training
-    leaves the running buffers alone (the caller updates them from ``st`` once the Function
+    ``st`` (3 * C, x's dtype) receives the statistics used: mean, var, invstd in training,
+    mean and invstd in eval (var's third is not written). Training leaves the running buffers
+    alone (the caller updates them from ``st`` once the Function
     has returned, so a call that fails moves nothing); eval reads them, and saves them, so
     that an in-place change before the backward raises, as torch's does."""
 
@@ -336,7 +369,8 @@ class _DirectBatchNormFunction(torch.autograd.Function):
                 eps, relu):  # fmt: skip
         y = _forward_call(x, weight, bias, residual, running_mean, running_var, plan, training,
                           eps, relu, 0.0, st)  # fmt: skip
-        ctx.plan, ctx.training, ctx.eps, ctx.relu, ctx.dtype = plan, training, eps, relu, x.dtype
+        ctx.plan, ctx.training, ctx.eps, ctx.relu = plan, training, eps, relu
+        ctx.shape, ctx.dtype = x.shape, x.dtype
         saved = (x, weight, bias, residual, y if relu else None, st)
         ctx.save_for_backward(*saved, running_mean, running_var)
         return y
@@ -347,17 +381,23 @@ class _DirectBatchNormFunction(torch.autograd.Function):
         A, C, B, fmt = ctx.plan
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
         nones = (None,) * 7  # running_mean ... relu
-        if torch.is_grad_enabled():  # create_graph=True: the general path's recomputation
+        create_graph = torch.is_grad_enabled()
+        if create_graph or not _addressable(dy, x, y, st, weight):
+            # double backward, or a tensor with no address to read (a wrapper subclass from a
+            # saved-tensor hook or the loss): the general path's recomputation, any tensor type
             mean, invstd = st[:C], st[2 * C :]
             grads = double_backward(ctx, dy, x, weight, bias, residual, mean, invstd)
+            if not create_graph:
+                grads = [None if g is None else g.detach() for g in grads]
             return (*grads, *nones)
-        dtype, flat = ctx.dtype, torch.contiguous_format
-        x, y, dy = _stored(x, dtype, fmt), _stored(y, dtype, fmt), _stored(dy, dtype, fmt)
-        st, weight = _stored(st, dtype, flat), _stored(weight, dtype, flat)
+        dtype, flat, shape = ctx.dtype, torch.contiguous_format, ctx.shape
+        x, y, dy = _stored(x, shape, dtype, fmt), _stored(y, shape, dtype, fmt), _stored(
+            dy, shape, dtype, fmt)  # fmt: skip
+        st, weight = _stored(st, (3 * C,), dtype, flat), _stored(weight, (C,), dtype, flat)
         mask, dres = y, None
         if need_dres:  # the residual's gradient: dy through the relu, materialised once
             dres = dy if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
-            dres = _stored(dres, dtype, fmt)
+            dres = _stored(dres, shape, dtype, fmt)
             dy, mask = dres, None
         dx = _new(x, fmt) if need_dx else None
         sum_dy, sum_dy_xhat = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
@@ -418,8 +458,9 @@ def train_direct(
     residual: Tensor | None = None,
     grad: bool = False,
 ) -> Tensor | None:
-    """Training forward in one kernel call (``grad``: through ``_DirectBatchNormFunction``),
-    or None: batch statistics, normalisation and, with running buffers, their update. The
+    """Training forward in one kernel call (``grad``: through ``_DirectBatchNormFunction``,
+    then a second small one for the running buffers), or None: batch statistics,
+    normalisation and, with running buffers, their update. The
     same kernels and bytes as ``forward_train`` then ``update_running_stats``, minus their
     Python layers (see ``eval_direct``). Side effects in the general path's order: a call
     that raises moves nothing. Without a graph, ``num_batches_tracked`` is bumped and the
