@@ -87,8 +87,11 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     use_batch_stats = training
     update = training and running_mean is not None
     relu = activation == "relu"
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias, residual)
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
     )
     # a backend may do the whole call in one kernel (and the backward in one more), with the
     # general path's bytes
@@ -177,6 +180,7 @@ def _validate(
             "running_mean and running_var are required when training=False; "
             "pass the buffers or use training=True (batch statistics)"
         )
+    device = x.device
     for name, t in (
         ("weight", weight),
         ("bias", bias),
@@ -187,12 +191,12 @@ def _validate(
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (C,):
+        if t.shape != (C,):
             raise ValueError(
                 f"{name} should have shape ({C},) to match the input's {C} channels, "
                 f"got {tuple(t.shape)}"
             )
-        if t.device != x.device:
+        if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
         if not (t.dtype == x.dtype or (x.dtype in HALF_DTYPES and t.dtype == torch.float32)):
             allowed = f"{x.dtype} or torch.float32" if x.dtype in HALF_DTYPES else str(x.dtype)

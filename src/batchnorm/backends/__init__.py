@@ -84,11 +84,13 @@ def numba_available() -> bool:
 
 def select(backend: str, x: Tensor) -> ModuleType:
     """The backend module to run for input ``x``."""
-    check_name(backend)
     if backend == "auto":
-        if x.device.type == "cpu" and numba_available() and load("numba").supports(x):
-            return load("numba")
+        if x.is_cpu and numba_available():
+            numba_cpu = _loaded["numba"]
+            if numba_cpu.supports(x):
+                return numba_cpu
         return load("torch")
+    check_name(backend)
     module = load(backend)
     if not module.supports(x):
         raise ValueError(

@@ -58,7 +58,7 @@ _ZERO = {dt: f(0.0) for dt, f in _NP_SCALAR.items()}  # the one-call kernels' dt
 
 
 def supports(x: Tensor) -> bool:
-    return x.device.type == "cpu" and (x.dtype in _NATIVE or x.dtype in HALF_DTYPES)
+    return x.is_cpu and (x.dtype in _NATIVE or x.dtype in HALF_DTYPES)
 
 
 _pool_started = False
