@@ -927,3 +927,21 @@ def test_tensors_without_storage_of_their_own_are_not_read_by_address():
     assert type(ours) is TwoTensor
     assert_close(ours.a, want, torch.float32)
     assert_close(ours.b, want, torch.float32)
+
+
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+@pytest.mark.parametrize("path", ["direct", "general", "bfloat16"])
+def test_eval_with_a_graph_notices_changed_running_buffers(path, buffer, monkeypatch):
+    """As torch: eval saves the running buffers it normalised with, so changing one in place
+    before the backward raises, on every path (bfloat16 input: the general path with float32
+    buffers)."""
+    if path == "general":
+        _general_path(monkeypatch)
+    dtype = torch.bfloat16 if path == "bfloat16" else torch.float32
+    x = make_input((4, 3, 5, 5), dtype=dtype).requires_grad_(True)
+    bufs = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    y = BF.batch_norm(x, bufs["running_mean"], bufs["running_var"], None, None, False,
+                      backend="numba")  # fmt: skip
+    bufs[buffer].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.float().sum().backward()

@@ -76,6 +76,7 @@ class BatchNormFunction(torch.autograd.Function):
         eps: float,
         backend: ModuleType,
         relu: bool,
+        running_var: Tensor | None = None,  # eval only: saved, never read (see below)
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, invstd, var, x3, y3, layout = run_forward(
             x, weight, bias, residual, mean_in, invstd_in, training, eps, backend, relu
@@ -86,7 +87,9 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.relu = relu
         y3_mask = y3 if relu else None
-        ctx.save_for_backward(x, x3, weight, bias, residual, mean, invstd, y3_mask)
+        # (in eval, running_var is saved, as torch does, so that changing it in place before
+        # the backward raises: invstd was computed from it; mean_in is the running mean itself)
+        ctx.save_for_backward(x, x3, weight, bias, residual, mean, invstd, y3_mask, running_var)
         if training:
             out_mean, out_var = mean, var
         else:  # nothing for the running-statistics update
@@ -100,9 +103,9 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
-        x, x3, weight, bias, residual, mean, invstd, y3_mask = ctx.saved_tensors
+        x, x3, weight, bias, residual, mean, invstd, y3_mask = ctx.saved_tensors[:8]
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
-        nones = (None,) * 6  # mean_in, invstd_in, training, eps, backend, relu
+        nones = (None,) * 7  # mean_in, invstd_in, training, eps, backend, relu, running_var
         if dy is None:
             return (None, None, None, None, *nones)
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation

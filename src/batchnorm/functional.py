@@ -107,8 +107,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         invstd_in = invstd_from_var(_constant(running_var, acc), eps)
     if needs_grad:
         y, mean, var = BatchNormFunction.apply(
-            input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel, relu
-        )
+            input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel, relu,
+            None if use_batch_stats else running_var,
+        )  # fmt: skip
     else:  # inference: the same computation without the autograd.Function's bookkeeping
         y, mean, _, var = run_forward(
             input, weight, bias, residual, mean_in, invstd_in, use_batch_stats, eps, kernel, relu
