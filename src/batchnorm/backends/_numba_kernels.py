@@ -1459,12 +1459,21 @@ def update_running(rm, rv, mean, var, factor, unbias):
         rv[c] = rv[c] * keep + f * (var[c] * u)
 
 
+@njit(cache=True, inline="always")
+def _update_at(prm, prv, mean, var, factor, unbias, z):
+    """``update_running`` on the running buffers at ``prm``/``prv`` (0: none) from the batch
+    mean and var."""
+    if prm != 0:
+        C = mean.size
+        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
+
+
 @njit(cache=True)
 def update_running_at(prm, prv, pst, C, factor, unbias, z):
-    """``update_running`` on the running buffers at ``prm``/``prv`` from the batch mean and
-    var in ``st`` (3 * C: mean, var, invstd), after a direct call with a graph."""
+    """``_update_at`` from the batch mean and var in ``st`` (3 * C: mean, var, invstd), after
+    a direct call with a graph."""
     st = _at(pst, 3 * C, z)
-    update_running(_at(prm, C, z), _at(prv, C, z), st[:C], st[C : 2 * C], factor, unbias)
+    _update_at(prm, prv, st[:C], st[C : 2 * C], factor, unbias, z)
 
 
 # Training forward in one call (``numba_cpu``'s direct paths): the statistics and the
@@ -1487,8 +1496,7 @@ def train_runs_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
     nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0,
                  relu, threads)  # fmt: skip
-    if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
+    _update_at(prm, prv, mean, var, factor, unbias, z)
 
 
 @njit(cache=True)
@@ -1497,8 +1505,7 @@ def train_runs_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
     nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0,
                  relu, threads)  # fmt: skip
-    if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
+    _update_at(prm, prv, mean, var, factor, unbias, z)
 
 
 @njit(cache=True)
@@ -1506,8 +1513,7 @@ def train_rows_ser(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
                    pst, z):  # fmt: skip
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
     cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0, relu)
-    if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
+    _update_at(prm, prv, mean, var, factor, unbias, z)
 
 
 @njit(cache=True)
@@ -1515,8 +1521,7 @@ def train_rows_par(px, py, pres, pw, pb, prm, prv, A, C, B, eps, relu, factor, u
                    pst, z):  # fmt: skip
     x, y, res, w, b, mean, var, invstd = _train_views(px, py, pres, pw, pb, pst, A, C, B, z)
     cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, _in_dtype(x, eps), A >= 0, A >= 0, relu)
-    if prm != 0:
-        update_running(_at(prm, C, z), _at(prv, C, z), mean, var, factor, unbias)
+    _update_at(prm, prv, mean, var, factor, unbias, z)
 
 
 # Backward in one call (``numba_cpu``'s direct autograd Function): ``nchw_bwd_*`` / ``cl_bwd_*``

@@ -258,9 +258,9 @@ def _plan(x: Tensor, read, written=(), residual: Tensor | None = None) -> tuple 
     ``written`` is not contiguous of x's dtype, the residual not in x's format and dtype, one
     of them is a negative view (its bytes are not its values), or one in ``written`` (updated
     in place) requires grad, or one has no storage of its own (``_has_storage``). The kernels
-    then read and write them by address (see
-    ``_numba_kernels._at``). Parameters that require grad are fine in ``read``: the kernels
-    record no graph, the autograd Function (``_DirectBatchNormFunction``) does."""
+    then read and write them by address (see ``_numba_kernels._at``). Parameters that require
+    grad are fine in ``read``: the kernels record no graph, the autograd Function
+    (``_DirectBatchNormFunction``) does."""
     n = x.numel()
     if n == 0 or x.dtype not in _NATIVE or x.is_neg() or not _has_storage(x):
         return None
