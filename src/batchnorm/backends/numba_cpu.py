@@ -146,12 +146,9 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
                 kernel = K.cl_fwd_par if par else K.cl_fwd_ser
                 kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, eps_t, True, True,
                        relu)  # fmt: skip
-        elif B >= K.EVAL_TILED_B:  # long runs: stream in memory order
+        elif B > 1:  # NCHW runs: stream in memory order
             kernel = K.nchw_eval_par if par else K.nchw_eval_ser
             kernel(x, y, res, C, B, mean_np, invstd_np, w, b, relu)
-        elif B > 1:  # short runs: small channel blocks, one loop per sample
-            kernel = K.nchw_eval_tiled_par if par else K.nchw_eval_tiled_ser
-            kernel(x, y, res, A, C, B, mean_np, invstd_np, w, b, relu)
         else:
             kernel = K.cl_fwd_par if par else K.cl_fwd_ser
             kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, _NP_SCALAR[acc](0.0),
@@ -324,10 +321,8 @@ def _forward_call(x, weight, bias, residual, running_mean, running_var, plan, tr
                _address(running_var), *tail, float(factor), _unbias(A * B), par, pst,
                z)  # fmt: skip
     else:
-        if B >= K.EVAL_TILED_B:
+        if B > 1:
             kernel = K.eval_runs_par if par else K.eval_runs_ser
-        elif B > 1:
-            kernel = K.eval_tiled_par if par else K.eval_tiled_ser
         else:
             kernel = K.eval_rows_par if par else K.eval_rows_ser
         kernel(*head, running_mean.data_ptr(), running_var.data_ptr(), _address(weight),
