@@ -302,6 +302,19 @@ def affine_run(typingctx, x, y, res, scale, shift, relu):
     return types.void(x, y, res, dtype, dtype, types.boolean), _affine_codegen
 
 
+@njit(cache=True, inline="always")
+def _aligned(k, L, dt):
+    """An empty (k, L) C-contiguous scratch array of dtype dt starting on a 64-byte boundary
+    (numba's own arrays start on 32-byte ones), so each row of L * itemsize bytes, a multiple
+    of 64, is too: the 64-byte vector loads and stores of the loops over tiles and per-channel
+    accumulators then never straddle two cache lines. Misaligned scale/shift tiles made
+    channels-last eval 15-35% slower (kernel alone, (32, 256, 28, 28) 0.297 -> 0.40 ms)."""
+    item = np.empty(0, dt).itemsize
+    buf = np.empty(k * L + 64 // item, dt)
+    off = ((-buf.ctypes.data) % 64) // item
+    return buf[off : off + k * L].reshape((k, L))
+
+
 @njit(cache=True)
 def _merge(n, mean, m2, cnt, mean_k, m2_k):
     """Chan's update of (n, mean, m2) with a chunk of cnt values; all float64."""
@@ -561,9 +574,9 @@ def _nchw_fwd_block_tiled(
     nc = c1 - c0
     L = nc * B
     n = A * B
-    tiles = np.empty((3, L), x.dtype)
+    tiles = _aligned(3, L, x.dtype)
     if stats:
-        t64 = np.empty((3, L))
+        t64 = _aligned(3, L, np.float64)
         acc = tiles[0]
         acc[:] = zero
         s64 = t64[0]
@@ -859,7 +872,7 @@ def _nchw_bwd_block_tiled(
     nc = c1 - c0
     L = nc * B
     has_mask = mask.size > 0
-    tiles = np.empty((4, L), x.dtype)
+    tiles = _aligned(4, L, x.dtype)
     mt = tiles[0]
     for k in range(nc):
         mt[k * B] = mean[c0 + k]
@@ -869,7 +882,10 @@ def _nchw_bwd_block_tiled(
         t_dy, t_dx = tiles[1], tiles[2]
         t_dy[:] = zero
         t_dx[:] = zero
-        q = np.zeros((2, L))
+        q = _aligned(2, L, np.float64)
+        for i in range(L):
+            q[0, i] = 0.0
+            q[1, i] = 0.0
         a4 = 0 if has_mask else A // 4 * 4
         S = C * B  # one sample
         for a in range(0, a4, 4):
@@ -1159,7 +1175,7 @@ def _cl_scale_shift_tiles(C, mean, invstd, w, b, dtype_like):
         sc, sf = _scale_shift(c, mean, invstd, w, b)
         v[0, c] = sc
         v[1, c] = sf
-    t = np.empty((2, T * C), dtype_like.dtype)
+    t = _aligned(2, T * C, dtype_like.dtype)
     _tiled(v[0], C, t[0])
     _tiled(v[1], C, t[1])
     return t
@@ -1171,10 +1187,10 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
     RB = rows_per_block(C)
     nblocks = (A + RB - 1) // RB
     if stats:
-        pmean = np.empty((nblocks, C))
-        pm2 = np.empty((nblocks, C))
+        pmean = _aligned(nblocks, C, np.float64)
+        pm2 = _aligned(nblocks, C, np.float64)
         for j in prange(nblocks):
-            sc = np.empty((4, C), x.dtype)
+            sc = _aligned(4, C, x.dtype)
             _cl_block_moments(
                 x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero,
                 sc[0], sc[1], sc[2], sc[3],
@@ -1196,9 +1212,9 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
     RB = rows_per_block(C)
     nblocks = (A + RB - 1) // RB
     if stats:
-        pmean = np.empty((nblocks, C))
-        pm2 = np.empty((nblocks, C))
-        sc = np.empty((4, C), x.dtype)
+        pmean = _aligned(nblocks, C, np.float64)
+        pm2 = _aligned(nblocks, C, np.float64)
+        sc = _aligned(4, C, x.dtype)
         for j in range(nblocks):
             _cl_block_moments(
                 x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero,
@@ -1313,7 +1329,7 @@ def _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, dtype_li
         v[0, c] = a_dy
         v[1, c] = a_x
         v[2, c] = a_0
-    t = np.empty((3, tile_rows(C) * C), dtype_like.dtype)
+    t = _aligned(3, tile_rows(C) * C, dtype_like.dtype)
     for q in range(3):
         _tiled(v[q], C, t[q])
     return t
@@ -1327,13 +1343,13 @@ def cl_bwd_par(
     RB = rows_per_block(C)
     nblocks = (A + RB - 1) // RB
     if sums:
-        m = np.empty(C, x.dtype)
+        m = _aligned(1, C, x.dtype)[0]
         for c in range(C):
             m[c] = mean[c]
-        psum_dy = np.empty((nblocks, C))
-        psum_dyxmu = np.empty((nblocks, C))
+        psum_dy = _aligned(nblocks, C, np.float64)
+        psum_dyxmu = _aligned(nblocks, C, np.float64)
         for j in prange(nblocks):
-            sc = np.empty((2, C), x.dtype)
+            sc = _aligned(2, C, x.dtype)
             _cl_block_sums(
                 dy, x, mask, C, j * RB, min(A, (j + 1) * RB), m, psum_dy[j], psum_dyxmu[j],
                 zero, sc[0], sc[1],
@@ -1355,12 +1371,12 @@ def cl_bwd_ser(
     RB = rows_per_block(C)
     nblocks = (A + RB - 1) // RB
     if sums:
-        m = np.empty(C, x.dtype)
+        m = _aligned(1, C, x.dtype)[0]
         for c in range(C):
             m[c] = mean[c]
-        psum_dy = np.empty((nblocks, C))
-        psum_dyxmu = np.empty((nblocks, C))
-        sc = np.empty((2, C), x.dtype)
+        psum_dy = _aligned(nblocks, C, np.float64)
+        psum_dyxmu = _aligned(nblocks, C, np.float64)
+        sc = _aligned(2, C, x.dtype)
         for j in range(nblocks):
             _cl_block_sums(
                 dy, x, mask, C, j * RB, min(A, (j + 1) * RB), m, psum_dy[j], psum_dyxmu[j],
