@@ -145,14 +145,14 @@ def _forward(x3, weight, bias, eps, residual3, relu, mean, invstd, stats):
             else:
                 kernel = K.cl_fwd_par if par else K.cl_fwd_ser
                 kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, eps_t, True, True,
-                       relu)  # fmt: skip
+                       relu, par)  # fmt: skip
         elif B > 1:  # NCHW runs: stream in memory order
             kernel = K.nchw_eval_par if par else K.nchw_eval_ser
             kernel(x, y, res, C, B, mean_np, invstd_np, w, b, relu)
         else:
             kernel = K.cl_fwd_par if par else K.cl_fwd_ser
             kernel(x, y, res, A, C, mean_np, var_np, invstd_np, w, b, _NP_SCALAR[acc](0.0),
-                   False, True, relu)  # fmt: skip
+                   False, True, relu, par)  # fmt: skip
     elif stats:  # an empty batch: no values, statistics as of var = 0
         mean.zero_()
         var.zero_()
@@ -215,7 +215,7 @@ def _stats_only(x3: Tensor):
             (K.nchw_fwd_par if par else K.nchw_fwd_ser)(*args, B, *tail, True, False, False,
                                                         par)  # fmt: skip
         else:
-            (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail, True, False, False)
+            (K.cl_fwd_par if par else K.cl_fwd_ser)(*args, *tail, True, False, False, par)
     return None, mean, var, invstd
 
 
@@ -326,7 +326,7 @@ def _forward_call(x, weight, bias, residual, running_mean, running_var, plan, tr
         else:
             kernel = K.eval_rows_par if par else K.eval_rows_ser
         kernel(*head, running_mean.data_ptr(), running_var.data_ptr(), _address(weight),
-               _address(bias), *tail, pst, z)  # fmt: skip
+               _address(bias), *tail, par, pst, z)  # fmt: skip
     return y
 
 
@@ -544,7 +544,7 @@ def _backward(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, trainin
         else:
             kernel = K.cl_bwd_par if par else K.cl_bwd_ser
             kernel(dy, x, mask, dx, A, C, mean_np, invstd_np, w, sum_dy_np, sum_dy_xhat_np,
-                   float(count), sums, do_dx, bool(training))  # fmt: skip
+                   float(count), sums, do_dx, bool(training), par)  # fmt: skip
     if dx3 is not None and acc != dtype:
         dx3 = dx3.to(dtype)
     return dx3, sum_dy, sum_dy_xhat
