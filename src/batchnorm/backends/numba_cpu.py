@@ -20,9 +20,9 @@ one read and one write. The kernels live in ``_numba_kernels``.
   converted to float32 with torch, run in float32, and the outputs converted back: float32
   accumulation and float32 statistics, at the cost of the conversion traffic.
 * Threads: the parallel kernels run on ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)``
-  numba threads, so ``torch.set_num_threads`` sets both. numba's OpenMP layer runs on the
-  system's libgomp, torch on its own bundled copy: two worker pools that take turns (calls are
-  sequential, never nested). Tensors under ``PARALLEL_MIN`` elements run serially.
+  numba threads, so ``torch.set_num_threads`` sets both. numba's OpenMP layer binds to the
+  same libgomp as torch (whichever copy was loaded first): one team of worker threads for
+  both. Tensors under ``PARALLEL_MIN`` elements run serially.
 * Two routes to the same kernels and bytes: the protocol's functions on canonical NumPy
   views (the general path: any strides, half types), and the direct paths (``eval_direct``,
   ``train_direct``, with ``_DirectBatchNormFunction`` when a graph is recorded): one kernel
@@ -67,13 +67,12 @@ _pool_started = False
 def _start_pool() -> None:
     """Start numba's thread pool, keeping torch's thread count.
 
-    Numba's default threading layer here is OpenMP. Its pool links the system's libgomp
-    (``libgomp.so.1.0.0``), while torch's wheel bundles its own libgomp: two OpenMP runtimes,
-    two sets of worker threads, taking turns (calls are sequential, never nested). Should
-    both ever resolve to one runtime, starting numba's pool would set the calling thread's
-    OpenMP thread count to NUMBA_NUM_THREADS, which is what torch.get_num_threads() reads:
-    it is restored in that case. (``NUMBA_THREADING_LAYER=workqueue`` trades speed on a
-    quiet machine for steadiness on a crowded one: see the README.)
+    Numba's default threading layer here is OpenMP, and its pool's OpenMP symbols bind to
+    the libgomp torch has loaded (or torch's to the system copy numba loaded first: one
+    runtime either way, see the README's "Threads"). So starting numba's pool sets the
+    runtime's thread count to NUMBA_NUM_THREADS, which is what torch.get_num_threads()
+    reads: it is restored. (``NUMBA_THREADING_LAYER=workqueue`` trades speed on a quiet
+    machine for steadiness on a crowded one: see the README.)
     """
     global _pool_started
     before = torch.get_num_threads()
