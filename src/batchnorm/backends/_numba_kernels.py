@@ -17,8 +17,9 @@ Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
 * ``B == 1`` (channels-last, ``(N, C)``): rows of ``C`` interleaved channels. A work item is
   a fixed block of rows; each block computes partial moments (in one pass, sums about a
   per-block shift) or gradient sums per channel, the partials merge in block order, then a
-  second pass normalises (or computes dx), blocks in reverse order for tensors that may still
-  be in L3.
+  second pass normalises (or computes dx). Each thread keeps one contiguous share of the
+  blocks for both passes (re-reading what another thread read was 2x slower), running it
+  backwards in the second pass for tensors that may still be in cache.
 * Eval streams the tensor in memory order, NCHW runs through ``affine_run`` (one 64-byte
   vector per step, so short runs such as 7x7 maps stay vectorised).
 
