@@ -251,12 +251,12 @@ def _ir_affine(builder, ptrs, i, vty, scale, shift, relu_const, zero):
 
 def _affine_codegen(context, builder, sig, args):
     xa, ya, ra = (context.make_array(sig.args[k])(context, builder, args[k]) for k in range(3))
-    scale, shift, relu = args[3], args[4], args[5]
+    lo, n, scale, shift, relu = args[3:]
     sty = context.get_value_type(sig.args[0].dtype)
     width = _VECTOR_BYTES // (4 if isinstance(sty, ir.FloatType) else 8)
     vty = ir.VectorType(sty, width)
     intp = context.get_value_type(types.intp)
-    n = xa.nitems
+    px, py, pr = (builder.gep(a.data, [lo]) for a in (xa, ya, ra))
     nvec = builder.mul(builder.udiv(n, ir.Constant(intp, width)), ir.Constant(intp, width))
 
     def splat(v):
@@ -282,25 +282,29 @@ def _affine_codegen(context, builder, sig, args):
         with with_res:
             with builder.if_else(relu) as (on, off):
                 with on:
-                    loops((xa.data, ya.data, ra.data), True)
+                    loops((px, py, pr), True)
                 with off:
-                    loops((xa.data, ya.data, ra.data), False)
+                    loops((px, py, pr), False)
         with without:
             with builder.if_else(relu) as (on, off):
                 with on:
-                    loops((xa.data, ya.data), True)
+                    loops((px, py), True)
                 with off:
-                    loops((xa.data, ya.data), False)
+                    loops((px, py), False)
     return context.get_dummy_value()
 
 
 @intrinsic
-def affine_run(typingctx, x, y, res, scale, shift, relu):
-    """``y = x * scale + shift (+ res)``, then ``max(., 0)`` if relu: 1-d C-contiguous arrays
-    of one length and dtype (res may be empty: no residual), scale and shift in that dtype.
-    The relu keeps NaN and -0.0, as ``if v < 0: v = 0`` does."""
+def affine_run(typingctx, x, y, res, lo, n, scale, shift, relu):
+    """``y[i] = x[i] * scale + shift (+ res[i])`` for i in [lo, lo + n), then ``max(., 0)``
+    if relu: 1-d C-contiguous arrays of one dtype (res may be empty: no residual; nothing is
+    bounds-checked), scale and shift in that dtype. It takes the whole arrays and an offset:
+    slicing them for each run cost 10-25% on eval of 7x7 and 14x14 maps (kernel alone,
+    (32, 512, 14, 14) 0.290 -> 0.221 ms, with the data in cache). The relu keeps NaN and
+    -0.0, as ``if v < 0: v = 0`` does."""
     dtype = _ir_check(x, y, res)
-    return types.void(x, y, res, dtype, dtype, types.boolean), _affine_codegen
+    sig = types.void(x, y, res, types.intp, types.intp, dtype, dtype, types.boolean)
+    return sig, _affine_codegen
 
 
 @njit(cache=True, inline="always")
@@ -402,10 +406,10 @@ def _scale_shift(c, mean, invstd, w, b):
 
 
 @njit(cache=True, inline="always")
-def _normalize_run(xs, ys, rs, scale, sh, relu):
-    """``ys = xs * scale + sh (+ rs)``, then the relu: one contiguous run of one channel.
-    ``rs`` is empty without a residual."""
-    affine_run(xs, ys, rs, scale, sh, relu)
+def _normalize_run(x, y, res, lo, n, scale, sh, relu):
+    """``y = x * scale + sh (+ res)``, then the relu, over [lo, lo + n): one contiguous run of
+    one channel. ``res`` is empty without a residual."""
+    affine_run(x, y, res, lo, n, scale, sh, relu)
 
 
 @njit(cache=True)
@@ -424,9 +428,7 @@ def _nchw_fwd_channel(
         sh = acc[1]
         for a in range(A):
             base = (a * C + c) * B
-            _normalize_run(
-                x[base : base + B], y[base : base + B], res[base : base + B], scale, sh, relu
-            )
+            _normalize_run(x, y, res, base, B, scale, sh, relu)
 
 
 @njit(cache=True)
@@ -508,10 +510,7 @@ def _nchw_fwd_block(
     for a in range(A):
         for k in range(nc):
             base = (a * C + c0 + k) * B
-            _normalize_run(
-                x[base : base + B], y[base : base + B], res[base : base + B], sx[1, k],
-                sx[2, k], relu,
-            )  # fmt: skip
+            _normalize_run(x, y, res, base, B, sx[1, k], sx[2, k], relu)
 
 
 @njit(cache=True, inline="always")
@@ -740,8 +739,7 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     q0 = j * per_item
     c = q0 % C  # then counted up: no division per run
     for q in range(q0, min(runs, (j + 1) * per_item)):
-        lo, hi = q * B, (q + 1) * B
-        _normalize_run(x[lo:hi], y[lo:hi], res[lo:hi], sct[0, c], sct[1, c], relu)
+        _normalize_run(x, y, res, q * B, B, sct[0, c], sct[1, c], relu)
         c += 1
         if c == C:
             c = 0
