@@ -403,6 +403,78 @@ def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
     assert all(abs(float(a) - b) <= tol * s for a, b, s in zip(got, exact, scale))
 
 
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 49, 196, 2051])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype):
+    """``affine_run`` (the vector loop written in LLVM IR) gives NumPy's ``x * s + t``
+    (+ residual, then the relu) in the arrays' dtype, over [lo, lo + n) only, for every
+    length (vector steps, then a scalar remainder); the relu keeps NaN and -0.0."""
+    from numba import njit
+
+    from batchnorm.backends._numba_kernels import affine_run
+
+    rng = np.random.default_rng(n)
+    lo = 3
+    x = (rng.standard_normal(n + 8) * 3 + 1).astype(dtype)
+    x[lo::7] = np.nan
+    x[lo + 1 :: 11] = dtype(0.0)
+    r = rng.standard_normal(n + 8).astype(dtype)
+    s, t = dtype(-1.3), dtype(-0.0)  # x = 0 gives -0.0 (+ -0.0), which the relu keeps
+    run = njit(lambda x, y, r, lo, n, s, t, relu: affine_run(x, y, r, lo, n, s, t, relu))
+    for res in (r, r[:0]):
+        for relu in (False, True):
+            y = np.full(n + 8, 7.0, dtype)
+            run(x, y, res, lo, n, s, t, relu)
+            want = x[lo : lo + n] * s + t
+            if res.size:
+                want = want + res[lo : lo + n]
+            if relu:
+                want = np.where(want < 0, dtype(0), want)
+            assert y[lo : lo + n].tobytes() == want.tobytes()
+            assert (y[:lo] == 7).all() and (y[lo + n :] == 7).all()  # nothing else written
+
+
+@pytest.mark.parametrize("k, L", [(1, 1), (1, 16), (2, 3), (3, 100), (4, 2048)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_aligned_scratch_starts_on_64_bytes(k, L, dtype):
+    from numba import njit
+
+    from batchnorm.backends._numba_kernels import _aligned
+
+    make = njit(lambda k, L, like: _aligned(k, L, like.dtype))
+    for _ in range(8):  # numba's own arrays start on 32 bytes: both cases come up
+        a = make(k, L, np.empty(0, dtype))
+        assert a.shape == (k, L) and a.dtype == dtype and a.flags.c_contiguous
+        assert a.ctypes.data % 64 == 0
+        if L * a.itemsize % 64 == 0:  # then every row is aligned too
+            assert all(a[q].ctypes.data % 64 == 0 for q in range(k))
+
+
+@pytest.mark.parametrize("A, C", [(1000, 64), (150, 2048), (7, 3)])
+def test_channels_last_kernels_do_not_depend_on_the_thread_count(A, C):
+    """The channels-last kernels give each of ``threads`` one contiguous share of the row
+    blocks; the partials merge in block order, so any count gives the same bytes."""
+    from batchnorm.backends import _numba_kernels as K
+
+    nb._threads_for(1 << 20)  # numba's pool is started before a parallel kernel runs
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal(A * C) * 2 + 3).astype(np.float32)
+    dy = rng.standard_normal(A * C).astype(np.float32)
+    w, b = rng.random(C).astype(np.float32) + 0.5, rng.standard_normal(C).astype(np.float32)
+    empty = np.empty(0, np.float32)
+    outs = []
+    for threads in (1, 2, 3, 5):
+        y, dx = np.empty_like(x), np.empty_like(x)
+        mean, var, invstd = (np.empty(C, np.float32) for _ in range(3))
+        s_dy, s_dyx = np.empty(C), np.empty(C)
+        K.cl_fwd_par(x, y, empty, A, C, mean, var, invstd, w, b, np.float32(EPS), True, True,
+                     False, threads)  # fmt: skip
+        K.cl_bwd_par(dy, x, empty, dx, A, C, mean, invstd, w, s_dy, s_dyx, float(A), True,
+                     True, True, threads)  # fmt: skip
+        outs.append([v.tobytes() for v in (y, mean, var, invstd, dx, s_dy, s_dyx)])
+    assert all(o == outs[0] for o in outs[1:])
+
+
 def _short_run_sum(rows: list) -> np.ndarray:
     """The short-run kernels' per-position order, replayed in NumPy: samples four at a time,
     ``(r0 + r1) + (r2 + r3)`` added to a float32 accumulator, flushed into float64 every
