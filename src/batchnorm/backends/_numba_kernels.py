@@ -249,14 +249,13 @@ def _ir_affine(builder, ptrs, i, vty, scale, shift, relu_const, zero):
         builder.store(v, builder.bitcast(builder.gep(ptrs[1], [i]), vty.as_pointer()), align=1)
 
 
-def _affine_codegen(context, builder, sig, args):
-    xa, ya, ra = (context.make_array(sig.args[k])(context, builder, args[k]) for k in range(3))
-    lo, n, scale, shift, relu = args[3:]
-    sty = context.get_value_type(sig.args[0].dtype)
+def _affine_body(fn, sty, intp):
+    """The body of the out-of-line affine run function ``fn(px, py, pr, n, has_res, relu,
+    scale, shift)``: the branches sit outside the loops, four plain streaming loops."""
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    px, py, pr, n, has_res, relu, scale, shift = fn.args
     width = _VECTOR_BYTES // (4 if isinstance(sty, ir.FloatType) else 8)
     vty = ir.VectorType(sty, width)
-    intp = context.get_value_type(types.intp)
-    px, py, pr = (builder.gep(a.data, [lo]) for a in (xa, ya, ra))
     nvec = builder.mul(builder.udiv(n, ir.Constant(intp, width)), ir.Constant(intp, width))
 
     def splat(v):
@@ -266,8 +265,6 @@ def _affine_codegen(context, builder, sig, args):
         return out
 
     vscale, vshift = splat(scale), splat(shift)
-    has_res = builder.icmp_unsigned(">", ra.nitems, ir.Constant(intp, 0))
-    relu = builder.trunc(relu, ir.IntType(1)) if relu.type != ir.IntType(1) else relu
 
     def loops(ptrs, relu_const):
         one = ir.Constant(intp, 1)
@@ -277,7 +274,6 @@ def _affine_codegen(context, builder, sig, args):
         with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
             _ir_affine(builder, ptrs, i, None, scale, shift, relu_const, ir.Constant(sty, None))
 
-    # the branches sit outside the loops: four plain streaming loops
     with builder.if_else(has_res) as (with_res, without):
         with with_res:
             with builder.if_else(relu) as (on, off):
@@ -291,6 +287,29 @@ def _affine_codegen(context, builder, sig, args):
                     loops((px, py), True)
                 with off:
                     loops((px, py), False)
+    builder.ret_void()
+
+
+def _affine_codegen(context, builder, sig, args):
+    xa, ya, ra = (context.make_array(sig.args[k])(context, builder, args[k]) for k in range(3))
+    lo, n, scale, shift, relu = args[3:]
+    sty = context.get_value_type(sig.args[0].dtype)
+    intp = context.get_value_type(types.intp)
+    # one function per module and dtype, called from each site, not inlined: the four loops
+    # inlined at every normalisation site cost 1.7 s of compile time on the first cold
+    # forward-train (benchmarks/first_call.py)
+    pty = sty.as_pointer()
+    bit = ir.IntType(1)
+    fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, sty, sty])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_affine_run_{sty}")
+    if fn.is_declaration:
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        _affine_body(fn, sty, intp)
+    px, py, pr = (builder.gep(a.data, [lo]) for a in (xa, ya, ra))
+    has_res = builder.icmp_unsigned(">", ra.nitems, ir.Constant(intp, 0))
+    relu = builder.trunc(relu, bit) if relu.type != bit else relu
+    builder.call(fn, [px, py, pr, n, has_res, relu, scale, shift])
     return context.get_dummy_value()
 
 
