@@ -351,6 +351,33 @@ def test_threads_follow_torch():
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
 
 
+def test_numba_threads_follow_torch_in_each_calling_thread():
+    """numba's thread count is per calling thread, and ``_threads_for`` remembers what it set
+    per thread: a call from a new thread sizes numba's pool there too."""
+    import threading
+
+    import numba
+
+    x3 = torch.randn(4, 8, 4096)  # above PARALLEL_MIN
+    seen = []
+
+    def work():
+        nb.forward_train(x3, None, None, EPS)
+        seen.append((numba.get_num_threads(), torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        nb.forward_train(x3, None, None, EPS)  # this thread first: numba's count here is 1
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    ((numba_there, torch_there),) = seen
+    assert numba_there == max(1, min(torch_there, numba.config.NUMBA_NUM_THREADS))
+
+
 # --- the run sums (sum_centred, sum_grad): the order their comment spells out ------------
 
 

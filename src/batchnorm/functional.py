@@ -29,6 +29,10 @@ from ._function import BatchNormFunction, run_forward
 
 __all__ = ["batch_norm", "ACTIVATIONS"]
 
+# bound once: each attribute hop costs a few microseconds when the interpreter's data has just
+# been flushed from the caches by a big tensor (dynamo recognises the function, not the name)
+_is_compiling = torch.compiler.is_compiling
+
 ACTIVATIONS = (None, "relu")
 
 
@@ -72,7 +76,7 @@ def batch_norm(
     """
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked, residual, activation, backend)  # fmt: skip
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _eager(_batch_norm)(*args)
     return _batch_norm(*args)
 
