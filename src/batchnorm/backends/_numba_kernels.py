@@ -1457,6 +1457,9 @@ def _invstd_from_running(var, eps, x):
 # addresses, not NumPy arrays: a tensor's ``numpy()`` costs 0.6-0.8 us, ``data_ptr()`` 0.06 us,
 # and a tiny layer's whole call is about 10 us. The caller guarantees what NumPy would have:
 # contiguous tensors of the witness ``z``'s dtype, alive for the call; address 0 = absent.
+# The ``*_par`` entries are plain numba functions calling parallel ones, so numba does not
+# start its thread pool for them: the caller must have (``numba_cpu._threads_for`` does;
+# without it the first parallel region crashes the process).
 
 
 # The entries pass the kernels' flags as run-time values (``A >= 0`` for True, ``A < 0`` for
