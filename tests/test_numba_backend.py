@@ -352,8 +352,8 @@ def test_threads_follow_torch():
 
 
 def test_numba_threads_follow_torch_in_each_calling_thread():
-    """numba's thread count is per calling thread, and ``_threads_for`` remembers what it set
-    per thread: a call from a new thread sizes numba's pool there too."""
+    """numba's thread count is per calling thread: a call from a new thread sizes numba's pool
+    there too."""
     import threading
 
     import numba
@@ -376,6 +376,19 @@ def test_numba_threads_follow_torch_in_each_calling_thread():
         torch.set_num_threads(before)
     ((numba_there, torch_there),) = seen
     assert numba_there == max(1, min(torch_there, numba.config.NUMBA_NUM_THREADS))
+
+
+def test_numba_threads_are_put_back_after_someone_else_changes_them():
+    """numba.set_num_threads from elsewhere (the user, another library) is undone at the next
+    call: the kernels are told a thread count and numba must run that many."""
+    import numba
+
+    x3 = torch.randn(4, 8, 4096)  # above PARALLEL_MIN
+    nb.forward_train(x3, None, None, EPS)
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(1)
+    nb.forward_train(x3, None, None, EPS)
+    assert numba.get_num_threads() == want
 
 
 # --- the run sums (sum_centred, sum_grad): the order their comment spells out ------------

@@ -44,7 +44,8 @@ Sums that must vectorise anyway have their lanes spelled out: run reductions thr
 ``sum_centred``/``sum_grad`` (vector accumulators in a fixed order, written at the LLVM level,
 below), per-position or per-channel accumulator arrays elsewhere (elementwise loops, which
 vectorise as they are). Inner loops run over slices indexed from 0 (numba then proves the
-index non-negative and vectorises them).
+index non-negative and vectorises them), but for ``affine_run``, which takes whole arrays and
+an offset and writes its loop in LLVM IR.
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ def _affine_codegen(context, builder, sig, args):
     intp = context.get_value_type(types.intp)
     # one function per module and dtype, called from each site, not inlined: the four loops
     # inlined at every normalisation site cost 1.7 s of compile time on the first cold
-    # forward-train (benchmarks/first_call.py)
+    # forward-train (benchmarks/first_call.py). (A kernel linked from several numba
+    # libraries holds one renamed copy per library: internal linkage, no clash.)
     pty = sty.as_pointer()
     bit = ir.IntType(1)
     fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, sty, sty])
@@ -329,9 +331,10 @@ def affine_run(typingctx, x, y, res, lo, n, scale, shift, relu):
 @njit(cache=True, inline="always")
 def _aligned(k, L, dt):
     """An empty (k, L) C-contiguous scratch array of dtype dt starting on a 64-byte boundary
-    (numba's own arrays start on 32-byte ones), so each row of L * itemsize bytes, a multiple
-    of 64, is too: the 64-byte vector loads and stores of the loops over tiles and per-channel
-    accumulators then never straddle two cache lines. Misaligned scale/shift tiles made
+    (numba's own arrays start on 32-byte ones), and so does every row when L * itemsize is a
+    multiple of 64 (otherwise only the first: short-run tiles of nc * 49 values): the 64-byte
+    vector loads and stores of the loops over tiles and per-channel accumulators then do not
+    straddle two cache lines. Misaligned scale/shift tiles made
     channels-last eval 15-35% slower (kernel alone, (32, 256, 28, 28) 0.297 -> 0.40 ms)."""
     item = np.empty(0, dt).itemsize
     buf = np.empty(k * L + 64 // item, dt)

@@ -34,8 +34,6 @@ one read and one write. The kernels live in ``_numba_kernels``.
 
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 import torch
@@ -64,7 +62,7 @@ def supports(x: Tensor) -> bool:
 
 
 _pool_started = False
-_set_here = threading.local()  # .threads: numba's count as last set on this thread
+_numba_threads = numba.get_num_threads  # numba's ctypes getter itself once the pool runs
 
 
 def _start_pool() -> None:
@@ -77,11 +75,19 @@ def _start_pool() -> None:
     reads: it is restored. (``NUMBA_THREADING_LAYER=workqueue`` trades speed on a quiet
     machine for steadiness on a crowded one: see the README.)
     """
-    global _pool_started
+    global _pool_started, _numba_threads
     before = torch.get_num_threads()
     numba.get_num_threads()  # launches the pool
     if torch.get_num_threads() != before:
         torch.set_num_threads(before)
+    # the calling thread's count, read without numba.get_num_threads()'s launch check: 4 us
+    # instead of 15 right after a big tensor has streamed through the caches (private to
+    # numba, so only if it is there)
+    from numba.np.ufunc import parallel
+
+    getter = getattr(parallel, "_get_num_threads", None)
+    if callable(getter):
+        _numba_threads = getter
     _pool_started = True
 
 
@@ -94,12 +100,8 @@ def _threads_for(numel: int) -> int:
     if not _pool_started:
         _start_pool()
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    # numba's thread count is per calling thread; remember what we set in this one rather
-    # than ask numba each call (numba.get_num_threads() took 18 us right after a 24.5 MiB
-    # tensor had streamed through the caches, 0.6 us warm)
-    if getattr(_set_here, "threads", 0) != want:
+    if _numba_threads() != want:  # (numba's count is per calling thread)
         numba.set_num_threads(want)
-        _set_here.threads = want
     return want
 
 
