@@ -490,28 +490,36 @@ def test_aligned_scratch_starts_on_64_bytes(k, L, dtype):
             assert all(a[q].ctypes.data % 64 == 0 for q in range(k))
 
 
-@pytest.mark.parametrize("A, C", [(1000, 64), (150, 2048), (7, 3)])
-def test_channels_last_kernels_do_not_depend_on_the_thread_count(A, C):
+@pytest.mark.parametrize(
+    "A, C, dtype",
+    [(1000, 64, np.float32), (150, 2048, np.float32), (7, 3, np.float32), (999, 37, np.float64),
+     (33000, 130, np.float32)],  # the last one over 16 MiB: second passes in memory order
+)  # fmt: skip
+def test_channels_last_kernels_do_not_depend_on_the_thread_count(A, C, dtype):
     """The channels-last kernels give each of ``threads`` one contiguous share of the row
-    blocks; the partials merge in block order, so any count gives the same bytes."""
+    blocks; the partials merge in block order, so any count gives the same bytes: training
+    with a residual and relu, eval, backward with a relu mask, dx alone."""
     from batchnorm.backends import _numba_kernels as K
 
     nb._threads_for(1 << 20)  # numba's pool is started before a parallel kernel runs
     rng = np.random.default_rng(C)
-    x = (rng.standard_normal(A * C) * 2 + 3).astype(np.float32)
-    dy = rng.standard_normal(A * C).astype(np.float32)
-    w, b = rng.random(C).astype(np.float32) + 0.5, rng.standard_normal(C).astype(np.float32)
-    empty = np.empty(0, np.float32)
+    x = (rng.standard_normal(A * C) * 2 + 3).astype(dtype)
+    dy, res = (rng.standard_normal(A * C).astype(dtype) for _ in range(2))
+    w, b = rng.random(C).astype(dtype) + 0.5, rng.standard_normal(C).astype(dtype)
+    empty, eps = np.empty(0, dtype), dtype(EPS)
     outs = []
-    for threads in (1, 2, 3, 5):
-        y, dx = np.empty_like(x), np.empty_like(x)
-        mean, var, invstd = (np.empty(C, np.float32) for _ in range(3))
+    for threads in (1, 2) if A * C > 1 << 22 else (1, 2, 3, 5):
+        y, y_eval, dx, dx_only = (np.empty_like(x) for _ in range(4))
+        mean, var, invstd = (np.empty(C, dtype) for _ in range(3))
         s_dy, s_dyx = np.empty(C), np.empty(C)
-        K.cl_fwd_par(x, y, empty, A, C, mean, var, invstd, w, b, np.float32(EPS), True, True,
-                     False, threads)  # fmt: skip
-        K.cl_bwd_par(dy, x, empty, dx, A, C, mean, invstd, w, s_dy, s_dyx, float(A), True,
-                     True, True, threads)  # fmt: skip
-        outs.append([v.tobytes() for v in (y, mean, var, invstd, dx, s_dy, s_dyx)])
+        K.cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps, True, True, True, threads)
+        K.cl_fwd_par(x, y_eval, empty, A, C, mean, var, invstd, w, b, eps, False, True, False,
+                     threads)  # fmt: skip
+        K.cl_bwd_par(dy, x, y, dx, A, C, mean, invstd, w, s_dy, s_dyx, float(A), True, True,
+                     True, threads)  # fmt: skip
+        K.cl_bwd_par(dy, x, empty, dx_only, A, C, mean, invstd, w, s_dy, s_dyx, float(A),
+                     False, True, True, threads)  # fmt: skip
+        outs.append([v.tobytes() for v in (y, y_eval, mean, var, invstd, dx, dx_only, s_dy, s_dyx)])
     assert all(o == outs[0] for o in outs[1:])
 
 
