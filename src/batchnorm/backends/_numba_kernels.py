@@ -427,13 +427,6 @@ def _scale_shift(c, mean, invstd, w, b):
 # ---------------------------------------------------------------- NCHW (B > 1): one channel
 
 
-@njit(cache=True, inline="always")
-def _normalize_run(x, y, res, lo, n, scale, sh, relu):
-    """``y = x * scale + sh (+ res)``, then the relu, over [lo, lo + n): one contiguous run of
-    one channel. ``res`` is empty without a residual."""
-    affine_run(x, y, res, lo, n, scale, sh, relu)
-
-
 @njit(cache=True)
 def _nchw_fwd_channel(
     c, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, zero, acc
@@ -450,7 +443,7 @@ def _nchw_fwd_channel(
         sh = acc[1]
         for a in range(A):
             base = (a * C + c) * B
-            _normalize_run(x, y, res, base, B, scale, sh, relu)
+            affine_run(x, y, res, base, B, scale, sh, relu)
 
 
 @njit(cache=True)
@@ -532,7 +525,7 @@ def _nchw_fwd_block(
     for a in range(A):
         for k in range(nc):
             base = (a * C + c0 + k) * B
-            _normalize_run(x, y, res, base, B, sx[1, k], sx[2, k], relu)
+            affine_run(x, y, res, base, B, sx[1, k], sx[2, k], relu)
 
 
 @njit(cache=True, inline="always")
@@ -761,7 +754,7 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     q0 = j * per_item
     c = q0 % C  # then counted up: no division per run
     for q in range(q0, min(runs, (j + 1) * per_item)):
-        _normalize_run(x, y, res, q * B, B, sct[0, c], sct[1, c], relu)
+        affine_run(x, y, res, q * B, B, sct[0, c], sct[1, c], relu)
         c += 1
         if c == C:
             c = 0
