@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import batchnorm.functional as BF
 from batchnorm import reference
@@ -619,8 +621,14 @@ def _bytes(t):
 def _general_path(monkeypatch) -> None:
     """Make the public calls take the general path: the autograd.Function of ``_function`` on
     canonical views, the backend's split functions, no one-call kernels."""
+    _no_lane(monkeypatch)
     monkeypatch.setattr(nb, "eval_direct", lambda *a: None)
     monkeypatch.setattr(nb, "train_direct", lambda *a: None)
+
+
+def _no_lane(monkeypatch) -> None:
+    """Make the public calls skip ``batch_norm``'s express lane (``numba_cpu.lane``)."""
+    monkeypatch.setattr(nb, "lane", lambda *a: None)
 
 
 def _on_both_paths(monkeypatch, run) -> list:
@@ -668,9 +676,16 @@ def test_eval_direct_gives_the_general_paths_bytes(case, dtype, affine, relu, mo
                                 backend="numba")  # fmt: skip
     assert direct.shape == general.shape and direct.stride() == general.stride()
     assert _bytes(direct) == _bytes(general)
-    # and the public call without a gradient takes the direct path
-    calls = []
+    # the public call without a gradient takes the express lane: the same bytes
+    calls = _spy(monkeypatch, "lane", "eval_direct")
+    public = BF.batch_norm(x, rm, rv, weight, bias, False, eps=eps, activation=act,
+                           backend="numba")  # fmt: skip
+    assert calls == ["lane"] and public.stride() == direct.stride()
+    assert _bytes(public) == _bytes(direct)
+    # and with the lane off, the direct path
+    calls.clear()
     monkeypatch.setattr(nb, "eval_direct", lambda *a: calls.append(1) or direct)
+    _no_lane(monkeypatch)
     public = BF.batch_norm(x, rm, rv, weight, bias, False, eps=eps, activation=act,
                            backend="numba")  # fmt: skip
     assert calls == [1] and public is direct
@@ -803,16 +818,22 @@ def test_train_direct_gives_the_general_paths_bytes(case, dtype, relu, momentum,
 
     versions = []
 
-    calls = _spy(monkeypatch, "train_direct")
-    direct = run(x)
+    calls = _spy(monkeypatch, "lane", "train_direct")
+    lane = run(x)  # no graph: the express lane
+    assert calls == ["lane"]
+    with monkeypatch.context() as m:
+        _no_lane(m)
+        calls = _spy(m, "train_direct")
+        direct = run(x)
+        assert calls == ["train_direct"]
     with monkeypatch.context() as m:
         _general_path(m)
         general = run(x)
-    assert calls == ["train_direct"]  # the first call only
-    assert direct[0].stride() == general[0].stride()
-    assert [_bytes(t) for t in direct[:3]] == [_bytes(t) for t in general[:3]]
-    assert int(direct[3]) == int(general[3]) == 5
-    assert versions[0] == versions[1]
+    for path in (lane, direct):
+        assert path[0].stride() == general[0].stride()
+        assert [_bytes(t) for t in path[:3]] == [_bytes(t) for t in general[:3]]
+        assert int(path[3]) == int(general[3]) == 5
+    assert versions[0] == versions[1] == versions[2]
 
 
 def _strides(t):
@@ -904,20 +925,28 @@ def test_direct_function_double_backward_matches_torch():
 
 
 def test_train_direct_without_running_stats(monkeypatch):
-    calls = _spy(monkeypatch, "train_direct")
     x = make_input((6, 4, 5))
-    y = BF.batch_norm(x, None, None, training=True, backend="numba")
-    assert calls == ["train_direct"]
+    with monkeypatch.context() as m:
+        calls = _spy(m, "lane", "train_direct")
+        lane = BF.batch_norm(x, None, None, training=True, backend="numba")
+        assert calls == ["lane"]
+        _no_lane(m)
+        calls = _spy(m, "train_direct")
+        y = BF.batch_norm(x, None, None, training=True, backend="numba")
+        assert calls == ["train_direct"]
     _general_path(monkeypatch)
     want = BF.batch_norm(x, None, None, training=True, backend="numba")
-    assert _bytes(y) == _bytes(want)
+    assert _bytes(y) == _bytes(want) == _bytes(lane)
 
 
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "direct"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_modules_with_parameters_take_the_one_call_paths_without_grad(mode, monkeypatch):
+def test_modules_with_parameters_take_the_one_call_paths_without_grad(mode, lane, monkeypatch):
     import batchnorm
 
-    calls = _spy(monkeypatch, "train_direct", "eval_direct")
+    if not lane:
+        _no_lane(monkeypatch)
+    calls = _spy(monkeypatch, *(["lane"] if lane else []), "train_direct", "eval_direct")
     ours, ref = batchnorm.BatchNorm2d(6, momentum=None), torch.nn.BatchNorm2d(6, momentum=None)
     ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
     with ctx():
@@ -927,7 +956,10 @@ def test_modules_with_parameters_take_the_one_call_paths_without_grad(mode, monk
         ours.eval(), ref.eval()
         x = make_input((4, 6, 5, 5), seed=9)
         assert_close(ours(x), ref(x), torch.float32)
-    assert calls == ["train_direct"] * 3 + ["eval_direct"]
+    if lane:
+        assert calls == ["lane"] * 4
+    else:
+        assert calls == ["train_direct"] * 3 + ["eval_direct"]
     for name in ("running_mean", "running_var"):
         assert_close(getattr(ours, name), getattr(ref, name), torch.float32)
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
@@ -1065,3 +1097,189 @@ def test_eval_with_a_graph_notices_changed_running_buffers(path, buffer, monkeyp
     bufs[buffer].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.float().sum().backward()
+
+
+# batch_norm's express lane (``numba_cpu.lane``) runs before validation, so it must take only
+# calls that validation accepts, and give what the general path gives. Each draw builds one
+# call, some arguments wrong or unusual; the lane either declines (None) having touched
+# nothing, or returns the general path's bytes with the general path's side effects.
+_LANE_SHAPES = [
+    (5, 3),
+    (4, 3, 6),
+    (2, 3, 4, 5),
+    (2, 3, 2, 3, 4),
+    (2, 1, 3, 3),
+    (1, 3, 1, 1),
+    (1, 3),
+    (0, 3, 2, 2),
+    (3,),
+]  # fmt: skip (the last three: odd ones)
+
+
+def _lane_call(c):
+    """(args, kwargs) of one batch_norm call built from the choices ``c``, fresh tensors."""
+    g = torch.Generator().manual_seed(c["seed"])
+    shape, dtype = c["shape"], c["dtype"]
+    C = shape[1] if len(shape) > 1 else shape[0]
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) * 2 + 1
+    if c["layout"] == "cl" and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)  # fmt: skip
+    elif c["layout"] == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    elif c["layout"] == "neg":
+        x = torch._neg_view(-x)
+    if c["x_grad"]:
+        x.requires_grad_(True)
+    pd = dtype if dtype in NATIVE else torch.float32
+
+    def vec(kind, value):
+        t = torch.full((C,), value, dtype=pd) + torch.rand(C, generator=g, dtype=pd)
+        if kind == "shape":
+            return torch.ones(C + 1, dtype=pd)
+        if kind == "dtype":
+            return t.to(torch.float64 if pd == torch.float32 else torch.float32)
+        if kind == "strided":
+            return torch.stack([t, t], 1)[:, 0]
+        if kind == "grad":
+            return t.requires_grad_(True)
+        if kind == "neg":
+            return torch._neg_view(-t)
+        if kind == "parameter":
+            return torch.nn.Parameter(t)
+        if kind == "parameter_nograd":
+            return torch.nn.Parameter(t, requires_grad=False)
+        return t
+
+    rm = rv = None
+    if c["buffers"] != "none":
+        rm, rv = vec(c["buffers"], -0.5), vec(c["buffers"], 0.5)
+        if c["buffers"] == "one":
+            rv = None
+    w = b = None
+    if c["affine"] != "none":
+        w, b = vec(c["affine"], 0.5), vec(c["affine"], 0.0)
+    nbt = {"none": None, "ok": torch.tensor(3), "two": torch.tensor([1, 2])}[c["nbt"]]
+    args = (x, rm, rv, w, b, c["training"], c["momentum"], c["eps"])
+    kwargs = {"num_batches_tracked": nbt, "activation": c["activation"], "backend": c["backend"]}
+    return args, kwargs
+
+
+def _lane_state(args, kwargs):
+    """What a call may change: the buffers' bytes and versions."""
+    out = []
+    for t in (args[1], args[2], kwargs["num_batches_tracked"]):
+        if t is None:
+            out.append(None)
+        else:
+            flat = t.detach().reshape(-1).clone(memory_format=torch.contiguous_format)
+            out.append((_bytes(flat), t._version))
+    return out
+
+
+_LANE_OK = {"dtype": torch.float32, "layout": "contiguous", "x_grad": False, "buffers": "ok",
+            "affine": "ok", "nbt": "ok", "training": True, "momentum": 0.1, "eps": 1e-5,
+            "activation": None, "backend": "auto", "grad_mode": True, "seed": 0}  # fmt: skip
+
+
+def _check_lane(c):
+    args, kwargs = _lane_call(c)
+    fresh = _lane_state(args, kwargs)
+    with torch.set_grad_enabled(c["grad_mode"]):
+        y = nb.lane(*args, kwargs["num_batches_tracked"], kwargs["activation"])
+    if y is None:
+        assert _lane_state(args, kwargs) == fresh  # declined: nothing touched
+        return None
+    lane_state = _lane_state(args, kwargs)
+    args, kwargs = _lane_call(c)
+    with pytest.MonkeyPatch.context() as m, torch.set_grad_enabled(c["grad_mode"]):
+        _general_path(m)
+        want = BF.batch_norm(*args, **kwargs)  # must not raise
+    assert not y.requires_grad and want.grad_fn is None
+    assert y.shape == want.shape and y.stride() == want.stride() and y.dtype == want.dtype
+    assert _bytes(y) == _bytes(want)
+    assert lane_state == _lane_state(args, kwargs)
+    return y
+
+
+# (usual, unusual) values of each choice
+_LANE_CHOICES = {
+    "shape": (_LANE_SHAPES[:-3], _LANE_SHAPES[-3:]),
+    "dtype": ([torch.float32, torch.float64], [torch.bfloat16, torch.float16]),
+    "layout": (["contiguous", "cl"], ["strided", "neg"]),
+    "x_grad": ([False], [True]),
+    "buffers": (
+        ["ok", "parameter_nograd", "none"],
+        ["one", "shape", "dtype", "strided", "grad", "neg"],
+    ),  # fmt: skip
+    "affine": (
+        ["ok", "none", "parameter", "parameter_nograd"],
+        ["shape", "dtype", "strided", "grad", "neg"],
+    ),  # fmt: skip
+    "nbt": (["none", "ok"], ["two"]),
+    "training": ([True, False], []),
+    "momentum": ([0.1, None, 1, 0], [True, "0.1"]),
+    "eps": ([1e-5, 0.0], [-1.0, 1, float("nan")]),
+    "activation": ([None, "relu"], ["gelu"]),
+    "backend": (["auto", "numba"], []),
+    "grad_mode": ([True, False], []),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_lane_on_each_unusual_argument(training, layout):
+    """One argument at a time off a call the lane takes: it declines, or agrees with the
+    general path (``_check_lane``)."""
+    base = {**_LANE_OK, "shape": (2, 3, 4, 5), "training": training, "layout": layout}
+    assert _check_lane(base) is not None
+    for name, (usual, unusual) in _LANE_CHOICES.items():
+        for value in [*usual, *unusual]:
+            _check_lane({**base, name: value})
+            if name != "x_grad":
+                _check_lane({**base, name: value, "grad_mode": False})
+
+
+def test_lane_takes_the_common_calls():
+    """The lane is not a no-op: every common call without a graph goes through it."""
+    for shape in [(5, 3), (4, 3, 6), (2, 3, 4, 5), (2, 3, 2, 3, 4), (1, 3, 1, 1), (2, 1, 3, 3)]:
+        for layout in ("contiguous", "cl"):
+            for overrides in ({}, {"training": False}, {"dtype": torch.float64},
+                              {"affine": "none", "buffers": "none", "nbt": "none"},
+                              {"activation": "relu"}, {"momentum": None}, {"momentum": 1},
+                              {"affine": "parameter", "grad_mode": False},
+                              {"affine": "parameter_nograd"}, {"backend": "numba"},
+                              {"x_grad": True, "grad_mode": False}):  # fmt: skip
+                c = {**_LANE_OK, "shape": shape, "layout": layout, **overrides}
+                if shape == (1, 3, 1, 1):  # one value per channel: training raises
+                    if c["buffers"] == "none":
+                        continue  # (and eval needs the buffers)
+                    c["training"] = False
+                assert _check_lane(c) is not None, c
+
+
+def _mostly(usual, unusual):
+    """Values from ``usual`` about 9 times in 10 (so that whole calls the lane takes come up
+    often), else from ``unusual``."""
+    return st.sampled_from(list(usual) * (9 * len(unusual)) + list(unusual) * len(usual))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    shape=_mostly(_LANE_SHAPES[:-3], _LANE_SHAPES[-3:]),
+    dtype=_mostly(_LANE_CHOICES["dtype"][0], _LANE_CHOICES["dtype"][1]),
+    layout=_mostly(_LANE_CHOICES["layout"][0], _LANE_CHOICES["layout"][1]),
+    x_grad=st.booleans(),
+    buffers=_mostly(_LANE_CHOICES["buffers"][0], _LANE_CHOICES["buffers"][1]),
+    affine=_mostly(_LANE_CHOICES["affine"][0], _LANE_CHOICES["affine"][1]),
+    nbt=_mostly(_LANE_CHOICES["nbt"][0], _LANE_CHOICES["nbt"][1]),
+    training=st.booleans(),
+    momentum=_mostly(_LANE_CHOICES["momentum"][0], _LANE_CHOICES["momentum"][1]),
+    eps=_mostly(_LANE_CHOICES["eps"][0], _LANE_CHOICES["eps"][1]),
+    activation=_mostly([None, "relu"], ["gelu"]),
+    backend=st.sampled_from(["auto", "numba"]),
+    grad_mode=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_lane_accepts_only_what_validation_accepts_and_gives_the_general_paths_bytes(**c):
+    _check_lane(c)

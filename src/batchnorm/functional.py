@@ -35,6 +35,11 @@ _is_compiling = torch.compiler.is_compiling
 
 ACTIVATIONS = (None, "relu")
 
+# The numba backend once a CPU call has found it importable: its ``lane`` takes the common
+# calls without a graph in one kernel call, before validation (it accepts only what
+# validation would, and declines the rest).
+_lane = None
+
 
 def batch_norm(
     input: Tensor,
@@ -74,11 +79,19 @@ def batch_norm(
     Under ``torch.compile`` this runs eagerly, between compiled graphs (dynamo traces Python,
     not numba kernels).
     """
-    args = (input, running_mean, running_var, weight, bias, training, momentum, eps,
-            num_batches_tracked, residual, activation, backend)  # fmt: skip
     if _is_compiling():
-        return _eager(_batch_norm)(*args)
-    return _batch_norm(*args)
+        return _eager(_batch_norm)(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, num_batches_tracked, residual, activation,
+                                   backend)  # fmt: skip
+    if residual is None and (backend == "auto" or backend == "numba"):
+        lane = _lane if _lane is not None else _find_lane(input)
+        if lane is not None:
+            y = lane.lane(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps, num_batches_tracked, activation)  # fmt: skip
+            if y is not None:
+                return y
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked, residual, activation, backend)  # fmt: skip
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -127,6 +140,15 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         update_stats = getattr(kernel, "update_running_stats", update_running_stats)
         update_stats(running_mean, running_var, mean, var, count, factor)
     return y
+
+
+def _find_lane(x):
+    """The numba backend for a CPU tensor if it imports (remembered in ``_lane``), else None.
+    (Only for CPU tensors: a CUDA user never imports numba.)"""
+    global _lane
+    if isinstance(x, Tensor) and x.is_cpu and backends.numba_available():
+        _lane = backends.load("numba")
+    return _lane
 
 
 def _eager(fn):
