@@ -450,30 +450,76 @@ def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
 def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype):
     """``affine_run`` (the vector loop written in LLVM IR) gives NumPy's ``x * s + t``
     (+ residual, then the relu) in the arrays' dtype, over [lo, lo + n) only, for every
-    length (vector steps, then a scalar remainder); the relu keeps NaN and -0.0."""
+    length (vector steps, then a scalar remainder); the relu keeps NaN and -0.0. With
+    non-temporal stores (``nt``) too, from every start modulo 64 bytes (scalars up to the
+    boundary, aligned vectors, scalars after)."""
     from numba import njit
 
-    from batchnorm.backends._numba_kernels import affine_run
+    from batchnorm.backends._numba_kernels import affine_run, store_fence
+
+    @njit
+    def run(x, y, r, lo, n, s, t, relu, nt):
+        affine_run(x, y, r, lo, n, s, t, relu, nt)
+        store_fence()
 
     rng = np.random.default_rng(n)
-    lo = 3
-    x = (rng.standard_normal(n + 8) * 3 + 1).astype(dtype)
-    x[lo::7] = np.nan
-    x[lo + 1 :: 11] = dtype(0.0)
-    r = rng.standard_normal(n + 8).astype(dtype)
+    item = np.dtype(dtype).itemsize
+    x = (rng.standard_normal(n + 80) * 3 + 1).astype(dtype)
+    x[3::7] = np.nan
+    x[4::11] = dtype(0.0)
+    r = rng.standard_normal(n + 80).astype(dtype)
     s, t = dtype(-1.3), dtype(-0.0)  # x = 0 gives -0.0 (+ -0.0), which the relu keeps
-    run = njit(lambda x, y, r, lo, n, s, t, relu: affine_run(x, y, r, lo, n, s, t, relu))
-    for res in (r, r[:0]):
-        for relu in (False, True):
-            y = np.full(n + 8, 7.0, dtype)
-            run(x, y, res, lo, n, s, t, relu)
-            want = x[lo : lo + n] * s + t
-            if res.size:
-                want = want + res[lo : lo + n]
-            if relu:
-                want = np.where(want < 0, dtype(0), want)
-            assert y[lo : lo + n].tobytes() == want.tobytes()
-            assert (y[:lo] == 7).all() and (y[lo + n :] == 7).all()  # nothing else written
+    for nt in (False, True):
+        for lo in range(3, 3 + 64 // item) if nt else (3,):
+            for res in (r, r[:0]):
+                for relu in (False, True):
+                    y = np.full(n + 80, 7.0, dtype)
+                    run(x, y, res, lo, n, s, t, relu, nt)
+                    want = x[lo : lo + n] * s + t
+                    if res.size:
+                        want = want + res[lo : lo + n]
+                    if relu:
+                        want = np.where(want < 0, dtype(0), want)
+                    assert y[lo : lo + n].tobytes() == want.tobytes()
+                    assert (y[:lo] == 7).all() and (y[lo + n :] == 7).all()  # nothing else
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 49, 196, 2051])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype):
+    """``grad_x_run`` (backward's dx over one run, in LLVM IR) gives NumPy's
+    ``g * k_dy + x * k_x + k_0`` (g: dy where mask > 0, else 0, with a mask; ``dy * k_dy``
+    in eval) over [lo, lo + n) only, with cached or non-temporal stores, from every start
+    modulo 64 bytes; an inf in x stays out of eval's dx."""
+    from numba import njit
+
+    from batchnorm.backends._numba_kernels import grad_x_run, store_fence
+
+    @njit
+    def run(dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
+        grad_x_run(dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt)
+        store_fence()
+
+    rng = np.random.default_rng(n + 1)
+    item = np.dtype(dtype).itemsize
+    dy, x, mask = ((rng.standard_normal(n + 80) * 3).astype(dtype) for _ in range(3))
+    x[5::13] = np.inf
+    mask[6::9] = np.nan
+    k_dy, k_x, k_0 = dtype(1.7), dtype(-0.3), dtype(0.25)
+    for nt in (False, True):
+        for lo in range(3, 3 + 64 // item) if nt else (3,):
+            for m, training in ((mask, True), (mask, False), (mask[:0], True), (mask[:0], False)):
+                dx = np.full(n + 80, 7.0, dtype)
+                run(dy, x, m, dx, lo, n, k_dy, k_x, k_0, training, nt)
+                g = dy[lo : lo + n]
+                if m.size:
+                    g = np.where(m[lo : lo + n] > 0, g, dtype(0))
+                if m.size or training:
+                    want = g * k_dy + x[lo : lo + n] * k_x + k_0
+                else:
+                    want = g * k_dy
+                assert dx[lo : lo + n].tobytes() == want.tobytes()
+                assert (dx[:lo] == 7).all() and (dx[lo + n :] == 7).all()
 
 
 @pytest.mark.parametrize("k, L", [(1, 1), (1, 16), (2, 3), (3, 100), (4, 2048)])

@@ -50,6 +50,8 @@ an offset and writes its loop in LLVM IR.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange
@@ -66,6 +68,10 @@ CL_CHUNK = 8192  # values per channels-last gradient-sums chunk: 32 KiB of float
 CL_FLUSH_ROWS = 64  # channels-last statistics: rows summed in x's dtype before a float64 flush
 CL_SHIFT_ROWS = 16  # channels-last statistics: rows whose mean is the block's shift
 L3_REUSE_BYTES = 16 << 20  # tensors up to this size may stay in L3 between two passes
+# Outputs bigger than this are written with non-temporal stores (``streaming``): x and y
+# together overflow a 32 MiB L3, so y would be evicted to memory unread anyway; streamed, it
+# costs no read-for-ownership and does not evict what the kernel re-reads.
+STREAM_BYTES = 16 << 20
 L3_BLOCK = 16 << 20  # NCHW work items of bigger tensors: at most this many bytes (x, or x, dy)
 L3_BLOCK_MAX_B = 2048  # ... for runs shorter than this (longer ones stream well in L2 blocks)
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
@@ -231,8 +237,9 @@ def sum_grad_masked(typingctx, dy, x, mask, m):
 # LLVM vectorised (copy 0.996).
 
 
-def _ir_affine(builder, ptrs, i, vty, scale, shift, relu_const, zero):
-    """One step of the affine run at index i: scalars when vty is None, else vectors."""
+def _ir_affine(builder, ptrs, i, vty, scale, shift, relu_const, zero, nt=False):
+    """One step of the affine run at index i: scalars when vty is None, else vectors (with
+    ``nt``, stored non-temporally to a 64-byte-aligned address)."""
 
     def load(p):
         if vty is None:
@@ -247,33 +254,65 @@ def _ir_affine(builder, ptrs, i, vty, scale, shift, relu_const, zero):
     if vty is None:
         builder.store(v, builder.gep(ptrs[1], [i]))
     else:
-        builder.store(v, builder.bitcast(builder.gep(ptrs[1], [i]), vty.as_pointer()), align=1)
+        _ir_store(builder, v, builder.gep(ptrs[1], [i]), vty, nt)
+
+
+def _ir_store(builder, v, p, vty, nt):
+    """Store vector v at p: unaligned, or with ``nt`` non-temporally (p 64-byte aligned)."""
+    st = builder.store(v, builder.bitcast(p, vty.as_pointer()), align=_VECTOR_BYTES if nt else 1)
+    if nt:
+        one = ir.Constant(ir.IntType(32), 1)
+        st.set_metadata("nontemporal", builder.module.add_metadata([one]))
+
+
+def _run_split(builder, pout, n, nt, sty, intp):
+    """(width, vector type, head, nvec) of a run of n values written at pout: scalars in
+    [0, head), vectors in [head, nvec), scalars in [nvec, n). head is 0 without nt, else the
+    values before pout's next 64-byte boundary (all n if the run is shorter)."""
+    item = 4 if isinstance(sty, ir.FloatType) else 8
+    width = _VECTOR_BYTES // item
+    vty = ir.VectorType(sty, width)
+    mis = builder.and_(builder.ptrtoint(pout, intp), ir.Constant(intp, _VECTOR_BYTES - 1))
+    gap = builder.and_(builder.sub(ir.Constant(intp, _VECTOR_BYTES), mis),
+                       ir.Constant(intp, _VECTOR_BYTES - 1))  # fmt: skip
+    head = builder.udiv(gap, ir.Constant(intp, item))
+    head = builder.select(builder.icmp_unsigned("<", head, n), head, n)
+    head = builder.select(nt, head, ir.Constant(intp, 0))
+    rest = builder.mul(builder.udiv(builder.sub(n, head), ir.Constant(intp, width)),
+                       ir.Constant(intp, width))  # fmt: skip
+    return width, vty, head, builder.add(head, rest)
+
+
+def _splat(builder, vty, v):
+    """A vector of vty with v in every lane."""
+    out = ir.Constant(vty, None)
+    for j in range(vty.count):
+        out = builder.insert_element(out, v, ir.Constant(ir.IntType(32), j))
+    return out
 
 
 def _affine_body(fn, sty, intp):
     """The body of the out-of-line affine run function ``fn(px, py, pr, n, has_res, relu,
-    scale, shift)``: the branches sit outside the loops, four plain streaming loops."""
+    nt, scale, shift)``: the branches sit outside the loops. With ``nt`` the run starts with
+    scalars up to y's next 64-byte boundary, then stores whole vectors non-temporally."""
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    px, py, pr, n, has_res, relu, scale, shift = fn.args
-    width = _VECTOR_BYTES // (4 if isinstance(sty, ir.FloatType) else 8)
-    vty = ir.VectorType(sty, width)
-    nvec = builder.mul(builder.udiv(n, ir.Constant(intp, width)), ir.Constant(intp, width))
-
-    def splat(v):
-        out = ir.Constant(vty, None)
-        for j in range(width):
-            out = builder.insert_element(out, v, ir.Constant(ir.IntType(32), j))
-        return out
-
-    vscale, vshift = splat(scale), splat(shift)
+    px, py, pr, n, has_res, relu, nt, scale, shift = fn.args
+    width, vty, head, nvec = _run_split(builder, py, n, nt, sty, intp)
+    vscale, vshift = _splat(builder, vty, scale), _splat(builder, vty, shift)
 
     def loops(ptrs, relu_const):
         one = ir.Constant(intp, 1)
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nvec,
-                                     ir.Constant(intp, width), intp) as (i, _):  # fmt: skip
-            _ir_affine(builder, ptrs, i, vty, vscale, vshift, relu_const, ir.Constant(vty, None))
+        szero, vzero = ir.Constant(sty, None), ir.Constant(vty, None)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
+            _ir_affine(builder, ptrs, i, None, scale, shift, relu_const, szero)
+        step = ir.Constant(intp, width)
+        with builder.if_else(nt) as (non_temporal, cached):
+            for flag, branch in ((True, non_temporal), (False, cached)):
+                with branch:
+                    with cgutils.for_range_slice(builder, head, nvec, step, intp) as (i, _):
+                        _ir_affine(builder, ptrs, i, vty, vscale, vshift, relu_const, vzero, flag)
         with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
-            _ir_affine(builder, ptrs, i, None, scale, shift, relu_const, ir.Constant(sty, None))
+            _ir_affine(builder, ptrs, i, None, scale, shift, relu_const, szero)
 
     with builder.if_else(has_res) as (with_res, without):
         with with_res:
@@ -293,7 +332,7 @@ def _affine_body(fn, sty, intp):
 
 def _affine_codegen(context, builder, sig, args):
     xa, ya, ra = (context.make_array(sig.args[k])(context, builder, args[k]) for k in range(3))
-    lo, n, scale, shift, relu = args[3:]
+    lo, n, scale, shift, relu, nt = args[3:]
     sty = context.get_value_type(sig.args[0].dtype)
     intp = context.get_value_type(types.intp)
     # one function per module and dtype, called from each site, not inlined: the four loops
@@ -302,7 +341,7 @@ def _affine_codegen(context, builder, sig, args):
     # libraries holds one renamed copy per library: internal linkage, no clash.)
     pty = sty.as_pointer()
     bit = ir.IntType(1)
-    fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, sty, sty])
+    fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, bit, sty, sty])
     fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_affine_run_{sty}")
     if fn.is_declaration:
         fn.linkage = "internal"
@@ -311,21 +350,140 @@ def _affine_codegen(context, builder, sig, args):
     px, py, pr = (builder.gep(a.data, [lo]) for a in (xa, ya, ra))
     has_res = builder.icmp_unsigned(">", ra.nitems, ir.Constant(intp, 0))
     relu = builder.trunc(relu, bit) if relu.type != bit else relu
-    builder.call(fn, [px, py, pr, n, has_res, relu, scale, shift])
+    nt = builder.trunc(nt, bit) if nt.type != bit else nt
+    builder.call(fn, [px, py, pr, n, has_res, relu, nt, scale, shift])
     return context.get_dummy_value()
 
 
 @intrinsic
-def affine_run(typingctx, x, y, res, lo, n, scale, shift, relu):
+def affine_run(typingctx, x, y, res, lo, n, scale, shift, relu, nt):
     """``y[i] = x[i] * scale + shift (+ res[i])`` for i in [lo, lo + n), then ``max(., 0)``
     if relu: 1-d C-contiguous arrays of one dtype (res may be empty: no residual; nothing is
     bounds-checked), scale and shift in that dtype. It takes the whole arrays and an offset:
     slicing them for each run cost 10-25% on eval of 7x7 and 14x14 maps (kernel alone,
     (32, 512, 14, 14) 0.290 -> 0.221 ms, with the data in cache). The relu keeps NaN and
-    -0.0, as ``if v < 0: v = 0`` does."""
+    -0.0, as ``if v < 0: v = 0`` does. ``nt``: y is written with non-temporal stores
+    (``streaming``); the caller fences (``store_fence``) before its work item ends."""
     dtype = _ir_check(x, y, res)
-    sig = types.void(x, y, res, types.intp, types.intp, dtype, dtype, types.boolean)
+    sig = types.void(x, y, res, types.intp, types.intp, dtype, dtype, types.boolean,
+                     types.boolean)  # fmt: skip
     return sig, _affine_codegen
+
+
+def _fence_codegen(context, builder, sig, args):
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        fnty = ir.FunctionType(ir.VoidType(), [])
+        sfence = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.sfence")
+        builder.call(sfence, [])
+    else:
+        builder.fence("seq_cst")
+    return context.get_dummy_value()
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Orders the non-temporal stores before it (x86 ``sfence``) ahead of any later store,
+    so that whoever reads y after the work item sees them."""
+    return types.void(), _fence_codegen
+
+
+@njit(cache=True, inline="always")
+def streaming(y):
+    """Whether the kernels write y with non-temporal stores: y over ``STREAM_BYTES``."""
+    return y.size * y.itemsize > STREAM_BYTES
+
+
+# ``dx = dy * k_dy + x * k_x + k_0`` over one run (backward of NCHW long runs), in IR for the
+# non-temporal stores: the same arithmetic as the scalar loop (multiplies, then adds left to
+# right, no contraction); dy counts only where mask > 0 when a mask is given (a fused relu);
+# eval is ``dy * k_dy`` (x plays no part: an inf in x must not turn dx into NaN).
+
+
+def _ir_grad_x(builder, ptrs, i, vty, k_dy, k_x, k_0, masked, training, zero, nt):
+    """One step of the dx run at index i: scalars when vty is None, else vectors."""
+
+    def load(p):
+        if vty is None:
+            return builder.load(builder.gep(p, [i]))
+        return builder.load(builder.bitcast(builder.gep(p, [i]), vty.as_pointer()), align=1)
+
+    pdy, px, pmask, pdx = ptrs
+    g = load(pdy)
+    if masked:
+        g = builder.select(builder.fcmp_ordered(">", load(pmask), zero), g, zero)
+    v = builder.fmul(g, k_dy)
+    if masked or training:
+        v = builder.fadd(builder.fadd(v, builder.fmul(load(px), k_x)), k_0)
+    if vty is None:
+        builder.store(v, builder.gep(pdx, [i]))
+    else:
+        _ir_store(builder, v, builder.gep(pdx, [i]), vty, nt)
+
+
+def _grad_x_body(fn, sty, intp):
+    """Body of ``fn(pdy, px, pmask, pdx, n, masked, training, nt, k_dy, k_x, k_0)``."""
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    pdy, px, pmask, pdx, n, masked, training, nt, k_dy, k_x, k_0 = fn.args
+    width, vty, head, nvec = _run_split(builder, pdx, n, nt, sty, intp)
+    vk = [_splat(builder, vty, k) for k in (k_dy, k_x, k_0)]
+    ptrs = (pdy, px, pmask, pdx)
+
+    def loops(mask_const, training_const):
+        one = ir.Constant(intp, 1)
+        szero, vzero = ir.Constant(sty, None), ir.Constant(vty, None)
+        flags = (mask_const, training_const)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
+            _ir_grad_x(builder, ptrs, i, None, k_dy, k_x, k_0, *flags, szero, False)
+        step = ir.Constant(intp, width)
+        with builder.if_else(nt) as (non_temporal, cached):
+            for flag, branch in ((True, non_temporal), (False, cached)):
+                with branch:
+                    with cgutils.for_range_slice(builder, head, nvec, step, intp) as (i, _):
+                        _ir_grad_x(builder, ptrs, i, vty, *vk, *flags, vzero, flag)
+        with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
+            _ir_grad_x(builder, ptrs, i, None, k_dy, k_x, k_0, *flags, szero, False)
+
+    with builder.if_else(masked) as (with_mask, without):
+        with with_mask:
+            loops(True, True)
+        with without:
+            with builder.if_else(training) as (train, evaluate):
+                with train:
+                    loops(False, True)
+                with evaluate:
+                    loops(False, False)
+    builder.ret_void()
+
+
+def _grad_x_codegen(context, builder, sig, args):
+    arrays = [context.make_array(sig.args[k])(context, builder, args[k]) for k in range(4)]
+    lo, n, k_dy, k_x, k_0, training, nt = args[4:]
+    sty = context.get_value_type(sig.args[0].dtype)
+    intp = context.get_value_type(types.intp)
+    pty, bit = sty.as_pointer(), ir.IntType(1)
+    fnty = ir.FunctionType(ir.VoidType(), [pty] * 4 + [intp, bit, bit, bit, sty, sty, sty])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_grad_x_run_{sty}")
+    if fn.is_declaration:  # one out-of-line copy per module and dtype, as affine_run's
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        _grad_x_body(fn, sty, intp)
+    ptrs = [builder.gep(a.data, [lo]) for a in arrays]
+    masked = builder.icmp_unsigned(">", arrays[2].nitems, ir.Constant(intp, 0))
+    flags = [builder.trunc(f, bit) if f.type != bit else f for f in (training, nt)]
+    builder.call(fn, [*ptrs, n, masked, *flags, k_dy, k_x, k_0])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def grad_x_run(typingctx, dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
+    """``dx[i] = g * k_dy + x[i] * k_x + k_0`` for i in [lo, lo + n), g = dy[i] (0 where
+    mask[i] > 0 fails, if mask is not empty); ``dy[i] * k_dy`` in eval (training false, no
+    mask). 1-d C-contiguous arrays of one dtype, nothing bounds-checked; the coefficients
+    in that dtype. ``nt``: dx written with non-temporal stores (the caller fences)."""
+    dtype = _ir_check(dy, x, mask, dx)
+    sig = types.void(dy, x, mask, dx, types.intp, types.intp, dtype, dtype, dtype,
+                     types.boolean, types.boolean)  # fmt: skip
+    return sig, _grad_x_codegen
 
 
 @njit(cache=True, inline="always")
@@ -441,9 +599,10 @@ def _nchw_fwd_channel(
         acc[1] = shift64
         scale = acc[0]
         sh = acc[1]
+        nt = streaming(y)
         for a in range(A):
             base = (a * C + c) * B
-            affine_run(x, y, res, base, B, scale, sh, relu)
+            affine_run(x, y, res, base, B, scale, sh, relu, nt)
 
 
 @njit(cache=True)
@@ -522,10 +681,11 @@ def _nchw_fwd_block(
         sc, sf = _scale_shift(c0 + k, mean, invstd, w, b)
         sx[1, k] = sc
         sx[2, k] = sf
+    nt = streaming(y)
     for a in range(A):
         for k in range(nc):
             base = (a * C + c0 + k) * B
-            affine_run(x, y, res, base, B, sx[1, k], sx[2, k], relu)
+            affine_run(x, y, res, base, B, sx[1, k], sx[2, k], relu, nt)
 
 
 @njit(cache=True, inline="always")
@@ -701,6 +861,15 @@ def _nchw_fwd_item(j, cb, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, st
                    relu, zero, sx, sd):  # fmt: skip
     c0 = j * cb
     c1 = min(C, c0 + cb)
+    _nchw_fwd_work(c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply,
+                   relu, zero, sx, sd)  # fmt: skip
+    if apply and streaming(y):
+        store_fence()
+
+
+@njit(cache=True, inline="always")
+def _nchw_fwd_work(c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply,
+                   relu, zero, sx, sd):  # fmt: skip
     if A * B * x.itemsize > L2_BUDGET:
         # one channel overflows L2: chunked moments read it from memory once, normalisation
         # a second time (no blocked pass could do better)
@@ -753,11 +922,14 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     runs = y.size // B
     q0 = j * per_item
     c = q0 % C  # then counted up: no division per run
+    nt = streaming(y)
     for q in range(q0, min(runs, (j + 1) * per_item)):
-        affine_run(x, y, res, q * B, B, sct[0, c], sct[1, c], relu)
+        affine_run(x, y, res, q * B, B, sct[0, c], sct[1, c], relu, nt)
         c += 1
         if c == C:
             c = 0
+    if nt:
+        store_fence()
 
 
 @njit(cache=True)
@@ -852,27 +1024,13 @@ def _nchw_bwd_block(
         sx[1, k] = k_dy
         sx[2, k] = k_x
         sx[3, k] = k_0
-    has_mask = mask.size > 0
+    nt = streaming(dx)
     for a in range(A):
         for k in range(nc):
             base = (a * C + c0 + k) * B
-            kdy = sx[1, k]
-            kx = sx[2, k]
-            k0 = sx[3, k]
-            xs = x[base : base + B]
-            dys = dy[base : base + B]
-            dxs = dx[base : base + B]
-            if has_mask:
-                ms = mask[base : base + B]
-                for i in range(B):
-                    g = dys[i] if ms[i] > 0 else zero
-                    dxs[i] = g * kdy + xs[i] * kx + k0
-            elif training:
-                for i in range(B):
-                    dxs[i] = dys[i] * kdy + xs[i] * kx + k0
-            else:
-                for i in range(B):
-                    dxs[i] = dys[i] * kdy
+            grad_x_run(dy, x, mask, dx, base, B, sx[1, k], sx[2, k], sx[3, k], training, nt)
+    if nt:
+        store_fence()
 
 
 @njit(cache=True)
