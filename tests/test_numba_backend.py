@@ -445,21 +445,27 @@ def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
     assert all(abs(float(a) - b) <= tol * s for a, b, s in zip(got, exact, scale))
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["run", "tile"])
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 49, 196, 2051])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype):
+def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype, tiled):
     """``affine_run`` (the vector loop written in LLVM IR) gives NumPy's ``x * s + t``
     (+ residual, then the relu) in the arrays' dtype, over [lo, lo + n) only, for every
     length (vector steps, then a scalar remainder); the relu keeps NaN and -0.0. With
     non-temporal stores (``nt``) too, from every start modulo 64 bytes (scalars up to the
-    boundary, aligned vectors, scalars after)."""
+    boundary, aligned vectors, scalars after). ``affine_tile``: s and t per element."""
     from numba import njit
 
-    from batchnorm.backends._numba_kernels import affine_run, store_fence
+    from batchnorm.backends._numba_kernels import affine_run, affine_tile, store_fence
 
     @njit
     def run(x, y, r, lo, n, s, t, relu, nt):
         affine_run(x, y, r, lo, n, s, t, relu, nt)
+        store_fence()
+
+    @njit
+    def tile(x, y, r, lo, n, s, t, relu, nt):
+        affine_tile(x, y, r, lo, n, s, t, relu, nt)
         store_fence()
 
     rng = np.random.default_rng(n)
@@ -469,13 +475,18 @@ def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype):
     x[4::11] = dtype(0.0)
     r = rng.standard_normal(n + 80).astype(dtype)
     s, t = dtype(-1.3), dtype(-0.0)  # x = 0 gives -0.0 (+ -0.0), which the relu keeps
+    if tiled:
+        s = (rng.standard_normal(n) * 2).astype(dtype)
+        t = rng.standard_normal(n).astype(dtype)
+        t[::5] = dtype(-0.0)
+        run = tile
     for nt in (False, True):
         for lo in range(3, 3 + 64 // item) if nt else (3,):
             for res in (r, r[:0]):
                 for relu in (False, True):
                     y = np.full(n + 80, 7.0, dtype)
                     run(x, y, res, lo, n, s, t, relu, nt)
-                    want = x[lo : lo + n] * s + t
+                    want = (x[lo : lo + n] * s + t).astype(dtype)
                     if res.size:
                         want = want + res[lo : lo + n]
                     if relu:
@@ -484,20 +495,27 @@ def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype):
                     assert (y[:lo] == 7).all() and (y[lo + n :] == 7).all()  # nothing else
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["run", "tile"])
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 49, 196, 2051])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype):
+def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype, tiled):
     """``grad_x_run`` (backward's dx over one run, in LLVM IR) gives NumPy's
     ``g * k_dy + x * k_x + k_0`` (g: dy where mask > 0, else 0, with a mask; ``dy * k_dy``
     in eval) over [lo, lo + n) only, with cached or non-temporal stores, from every start
-    modulo 64 bytes; an inf in x stays out of eval's dx."""
+    modulo 64 bytes; an inf in x stays out of eval's dx. ``grad_x_tile``: the k per
+    element."""
     from numba import njit
 
-    from batchnorm.backends._numba_kernels import grad_x_run, store_fence
+    from batchnorm.backends._numba_kernels import grad_x_run, grad_x_tile, store_fence
 
     @njit
     def run(dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
         grad_x_run(dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt)
+        store_fence()
+
+    @njit
+    def tile(dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
+        grad_x_tile(dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt)
         store_fence()
 
     rng = np.random.default_rng(n + 1)
@@ -506,6 +524,9 @@ def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype):
     x[5::13] = np.inf
     mask[6::9] = np.nan
     k_dy, k_x, k_0 = dtype(1.7), dtype(-0.3), dtype(0.25)
+    if tiled:
+        k_dy, k_x, k_0 = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+        run = tile
     for nt in (False, True):
         for lo in range(3, 3 + 64 // item) if nt else (3,):
             for m, training in ((mask, True), (mask, False), (mask[:0], True), (mask[:0], False)):
@@ -515,9 +536,9 @@ def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype):
                 if m.size:
                     g = np.where(m[lo : lo + n] > 0, g, dtype(0))
                 if m.size or training:
-                    want = g * k_dy + x[lo : lo + n] * k_x + k_0
+                    want = (g * k_dy + x[lo : lo + n] * k_x + k_0).astype(dtype)
                 else:
-                    want = g * k_dy
+                    want = (g * k_dy).astype(dtype)
                 assert dx[lo : lo + n].tobytes() == want.tobytes()
                 assert (dx[:lo] == 7).all() and (dx[lo + n :] == 7).all()
 
@@ -1329,3 +1350,42 @@ def _mostly(usual, unusual):
 )
 def test_lane_accepts_only_what_validation_accepts_and_gives_the_general_paths_bytes(**c):
     _check_lane(c)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_streaming_stores_give_the_cached_paths_bytes(channels_last):
+    """Outputs over ``STREAM_BYTES`` are written with non-temporal stores (x86 ``movnt``,
+    64-byte aligned, fenced per work item). Every output element is a fixed function of its
+    inputs and of per-channel coefficients, so the first rows, recomputed as a small tensor
+    (cached stores) from the big call's statistics, must give the big call's bytes: eval,
+    forward-train's normalisation (residual and relu), and backward's dx (relu mask)."""
+    from batchnorm.backends import _numba_kernels as K
+
+    shape = (9, 32, 128, 128)  # 18 MiB of float32: over STREAM_BYTES
+    assert np.prod(shape) * 4 > K.STREAM_BYTES
+    x, dy = _inputs(shape, channels_last, torch.float32)
+    res = make_input(shape, channels_last=channels_last, seed=9, offset=0.0)
+    w, b = _params(shape[1], torch.float32)
+    x3, layout = canonical(x)
+    dy3, res3 = like_canonical(dy, layout), like_canonical(res, layout)
+    rows = x3.shape[0] // 9  # one sample's rows: NCHW (1, C, HW), channels-last (HW, C, 1)
+    small = [t[:rows].clone() for t in (x3, dy3, res3)]
+    assert small[0].numel() * 4 < K.STREAM_BYTES
+
+    y3, mean, var, invstd = nb.forward_train(x3, w, b, EPS, res3, True)
+    y_small = nb.normalize(small[0], mean, invstd, w, b, small[2], True)
+    assert _bytes(y3[:rows]) == _bytes(y_small)
+
+    invstd_rv = 1.0 / torch.sqrt(var + 0.5 + EPS)  # eval with other statistics
+    y_eval = nb.normalize(x3, mean, invstd_rv, w, b)
+    assert _bytes(y_eval[:rows]) == _bytes(nb.normalize(small[0], mean, invstd_rv, w, b))
+
+    dx3, sum_dy, sum_dy_xhat = nb.backward(dy3, x3, mean, invstd, w, True, True, y3)
+    count = x3.shape[0] * x3.shape[2]
+    dx_small = nb.grad_input(small[1], small[0], mean, invstd, w, sum_dy, sum_dy_xhat, count,
+                             True, y_small)  # fmt: skip
+    assert _bytes(dx3[:rows]) == _bytes(dx_small)
+    # and the big call is right: against the float64 reference
+    y_ref, cache = reference.forward(to_numpy(x), _np(w), _np(b), EPS)
+    y_ref = y_ref + to_numpy(res)
+    assert_close(layout.from_canonical(y3), torch.from_numpy(np.maximum(y_ref, 0)), torch.float32)

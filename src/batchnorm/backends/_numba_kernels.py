@@ -291,28 +291,46 @@ def _splat(builder, vty, v):
     return out
 
 
-def _affine_body(fn, sty, intp):
-    """The body of the out-of-line affine run function ``fn(px, py, pr, n, has_res, relu,
-    nt, scale, shift)``: the branches sit outside the loops. With ``nt`` the run starts with
-    scalars up to y's next 64-byte boundary, then stores whole vectors non-temporally."""
+def _coefficients(builder, vty, values, tiled):
+    """``coef(i, vector) -> [values at i]``: per-run scalars (splatted for vectors), or with
+    ``tiled`` pointers to per-element coefficients (tiles indexed like the run)."""
+    if tiled:
+
+        def coef(i, vector):
+            if not vector:
+                return [builder.load(builder.gep(p, [i])) for p in values]
+            ptrs = [builder.bitcast(builder.gep(p, [i]), vty.as_pointer()) for p in values]
+            return [builder.load(p, align=1) for p in ptrs]
+
+        return coef
+    splat = [_splat(builder, vty, v) for v in values]
+    return lambda i, vector: splat if vector else list(values)
+
+
+def _affine_body(fn, sty, intp, tiled):
+    """The body of the out-of-line affine function ``fn(px, py, pr, n, has_res, relu, nt,
+    scale, shift)`` (scale and shift: scalars, or with ``tiled`` pointers to per-element
+    tiles): the branches sit outside the loops. With ``nt`` the run starts with scalars up to
+    y's next 64-byte boundary, then stores whole vectors non-temporally."""
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     px, py, pr, n, has_res, relu, nt, scale, shift = fn.args
     width, vty, head, nvec = _run_split(builder, py, n, nt, sty, intp)
-    vscale, vshift = _splat(builder, vty, scale), _splat(builder, vty, shift)
+    coef = _coefficients(builder, vty, (scale, shift), tiled)
 
     def loops(ptrs, relu_const):
         one = ir.Constant(intp, 1)
         szero, vzero = ir.Constant(sty, None), ir.Constant(vty, None)
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
-            _ir_affine(builder, ptrs, i, None, scale, shift, relu_const, szero)
+            _ir_affine(builder, ptrs, i, None, *coef(i, False), relu_const, szero)
         step = ir.Constant(intp, width)
         with builder.if_else(nt) as (non_temporal, cached):
             for flag, branch in ((True, non_temporal), (False, cached)):
                 with branch:
                     with cgutils.for_range_slice(builder, head, nvec, step, intp) as (i, _):
-                        _ir_affine(builder, ptrs, i, vty, vscale, vshift, relu_const, vzero, flag)
+                        _ir_affine(builder, ptrs, i, vty, *coef(i, True), relu_const, vzero,
+                                   flag)  # fmt: skip
         with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
-            _ir_affine(builder, ptrs, i, None, scale, shift, relu_const, szero)
+            _ir_affine(builder, ptrs, i, None, *coef(i, False), relu_const, szero)
 
     with builder.if_else(has_res) as (with_res, without):
         with with_res:
@@ -335,18 +353,24 @@ def _affine_codegen(context, builder, sig, args):
     lo, n, scale, shift, relu, nt = args[3:]
     sty = context.get_value_type(sig.args[0].dtype)
     intp = context.get_value_type(types.intp)
+    tiled = isinstance(sig.args[5], types.Array)
+    if tiled:  # the tiles' data pointers
+        scale, shift = (context.make_array(sig.args[k])(context, builder, args[k]).data
+                        for k in (5, 6))  # fmt: skip
     # one function per module and dtype, called from each site, not inlined: the four loops
     # inlined at every normalisation site cost 1.7 s of compile time on the first cold
     # forward-train (benchmarks/first_call.py). (A kernel linked from several numba
     # libraries holds one renamed copy per library: internal linkage, no clash.)
     pty = sty.as_pointer()
     bit = ir.IntType(1)
-    fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, bit, sty, sty])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_affine_run_{sty}")
+    cty = pty if tiled else sty
+    fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, bit, cty, cty])
+    name = f"batchnorm_affine_{'tile' if tiled else 'run'}_{sty}"
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
     if fn.is_declaration:
         fn.linkage = "internal"
         fn.attributes.add("noinline")
-        _affine_body(fn, sty, intp)
+        _affine_body(fn, sty, intp, tiled)
     px, py, pr = (builder.gep(a.data, [lo]) for a in (xa, ya, ra))
     has_res = builder.icmp_unsigned(">", ra.nitems, ir.Constant(intp, 0))
     relu = builder.trunc(relu, bit) if relu.type != bit else relu
@@ -367,6 +391,16 @@ def affine_run(typingctx, x, y, res, lo, n, scale, shift, relu, nt):
     dtype = _ir_check(x, y, res)
     sig = types.void(x, y, res, types.intp, types.intp, dtype, dtype, types.boolean,
                      types.boolean)  # fmt: skip
+    return sig, _affine_codegen
+
+
+@intrinsic
+def affine_tile(typingctx, x, y, res, lo, n, sct, sft, relu, nt):
+    """``affine_run`` with per-element coefficients: ``y[lo + i] = x[lo + i] * sct[i] +
+    sft[i] (+ res[lo + i])`` for i in [0, n), then the relu (channels-last tiles of T rows
+    of C channels)."""
+    _ir_check(x, y, res, sct, sft)
+    sig = types.void(x, y, res, types.intp, types.intp, sct, sft, types.boolean, types.boolean)
     return sig, _affine_codegen
 
 
@@ -420,12 +454,13 @@ def _ir_grad_x(builder, ptrs, i, vty, k_dy, k_x, k_0, masked, training, zero, nt
         _ir_store(builder, v, builder.gep(pdx, [i]), vty, nt)
 
 
-def _grad_x_body(fn, sty, intp):
-    """Body of ``fn(pdy, px, pmask, pdx, n, masked, training, nt, k_dy, k_x, k_0)``."""
+def _grad_x_body(fn, sty, intp, tiled):
+    """Body of ``fn(pdy, px, pmask, pdx, n, masked, training, nt, k_dy, k_x, k_0)`` (the k:
+    scalars, or with ``tiled`` pointers to per-element tiles)."""
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     pdy, px, pmask, pdx, n, masked, training, nt, k_dy, k_x, k_0 = fn.args
     width, vty, head, nvec = _run_split(builder, pdx, n, nt, sty, intp)
-    vk = [_splat(builder, vty, k) for k in (k_dy, k_x, k_0)]
+    coef = _coefficients(builder, vty, (k_dy, k_x, k_0), tiled)
     ptrs = (pdy, px, pmask, pdx)
 
     def loops(mask_const, training_const):
@@ -433,15 +468,15 @@ def _grad_x_body(fn, sty, intp):
         szero, vzero = ir.Constant(sty, None), ir.Constant(vty, None)
         flags = (mask_const, training_const)
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
-            _ir_grad_x(builder, ptrs, i, None, k_dy, k_x, k_0, *flags, szero, False)
+            _ir_grad_x(builder, ptrs, i, None, *coef(i, False), *flags, szero, False)
         step = ir.Constant(intp, width)
         with builder.if_else(nt) as (non_temporal, cached):
             for flag, branch in ((True, non_temporal), (False, cached)):
                 with branch:
                     with cgutils.for_range_slice(builder, head, nvec, step, intp) as (i, _):
-                        _ir_grad_x(builder, ptrs, i, vty, *vk, *flags, vzero, flag)
+                        _ir_grad_x(builder, ptrs, i, vty, *coef(i, True), *flags, vzero, flag)
         with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
-            _ir_grad_x(builder, ptrs, i, None, k_dy, k_x, k_0, *flags, szero, False)
+            _ir_grad_x(builder, ptrs, i, None, *coef(i, False), *flags, szero, False)
 
     with builder.if_else(masked) as (with_mask, without):
         with with_mask:
@@ -460,13 +495,19 @@ def _grad_x_codegen(context, builder, sig, args):
     lo, n, k_dy, k_x, k_0, training, nt = args[4:]
     sty = context.get_value_type(sig.args[0].dtype)
     intp = context.get_value_type(types.intp)
+    tiled = isinstance(sig.args[6], types.Array)
+    if tiled:  # the tiles' data pointers
+        k_dy, k_x, k_0 = (context.make_array(sig.args[k])(context, builder, args[k]).data
+                          for k in (6, 7, 8))  # fmt: skip
     pty, bit = sty.as_pointer(), ir.IntType(1)
-    fnty = ir.FunctionType(ir.VoidType(), [pty] * 4 + [intp, bit, bit, bit, sty, sty, sty])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_grad_x_run_{sty}")
+    cty = pty if tiled else sty
+    fnty = ir.FunctionType(ir.VoidType(), [pty] * 4 + [intp, bit, bit, bit, cty, cty, cty])
+    name = f"batchnorm_grad_x_{'tile' if tiled else 'run'}_{sty}"
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
     if fn.is_declaration:  # one out-of-line copy per module and dtype, as affine_run's
         fn.linkage = "internal"
         fn.attributes.add("noinline")
-        _grad_x_body(fn, sty, intp)
+        _grad_x_body(fn, sty, intp, tiled)
     ptrs = [builder.gep(a.data, [lo]) for a in arrays]
     masked = builder.icmp_unsigned(">", arrays[2].nitems, ir.Constant(intp, 0))
     flags = [builder.trunc(f, bit) if f.type != bit else f for f in (training, nt)]
@@ -483,6 +524,16 @@ def grad_x_run(typingctx, dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
     dtype = _ir_check(dy, x, mask, dx)
     sig = types.void(dy, x, mask, dx, types.intp, types.intp, dtype, dtype, dtype,
                      types.boolean, types.boolean)  # fmt: skip
+    return sig, _grad_x_codegen
+
+
+@intrinsic
+def grad_x_tile(typingctx, dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
+    """``grad_x_run`` with per-element coefficients indexed from 0 (channels-last tiles):
+    ``dx[lo + i] = g * k_dy[i] + x[lo + i] * k_x[i] + k_0[i]``."""
+    _ir_check(dy, x, mask, dx, k_dy, k_x, k_0)
+    sig = types.void(dy, x, mask, dx, types.intp, types.intp, k_dy, k_x, k_0, types.boolean,
+                     types.boolean)  # fmt: skip
     return sig, _grad_x_codegen
 
 
@@ -1314,6 +1365,11 @@ def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
 def _cl_apply_block(x, y, res, C, rlo, rhi, sct, sft, relu):
     """y = x * scale + shift (+ residual, relu) over rows [rlo, rhi); sct, sft: tiles."""
     T = tile_rows(C)
+    if streaming(y):  # (the caller fences)
+        for t0 in range(rlo, rhi, T):
+            lo = t0 * C
+            affine_tile(x, y, res, lo, min(t0 + T, rhi) * C - lo, sct, sft, relu, True)
+        return
     has_res = res.size > 0
     for t0 in range(rlo, rhi, T):
         lo = t0 * C
@@ -1392,6 +1448,8 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
                 # on the rows it read last, which may still be in its cache
                 j = hi - 1 - i if back else lo + i
                 _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t2[0], t2[1], relu)
+            if streaming(y):
+                store_fence()
 
 
 @njit(cache=True)
@@ -1413,6 +1471,8 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
         t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         for j in range(nblocks):
             _cl_apply_block(x, y, res, C, j * RB, min(A, (j + 1) * RB), t[0], t[1], relu)
+        if streaming(y):
+            store_fence()
 
 
 @njit(cache=True)
@@ -1457,6 +1517,12 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
     has_mask = mask.size > 0
     kdy, kx, k0 = kt[0], kt[1], kt[2]
     L = T * C
+    if streaming(dx):  # (the caller fences)
+        for t0 in range(rlo, rhi, T):
+            lo = t0 * C
+            grad_x_tile(dy, x, mask, dx, lo, min(t0 + T, rhi) * C - lo, kdy, kx, k0, training,
+                        True)  # fmt: skip
+        return
     t4 = rlo if has_mask or not training else rlo + (rhi - rlo) // (4 * T) * (4 * T)
     for t0 in range(rlo, t4, 4 * T):  # four tiles per step: each coefficient loaded once for four
         lo = t0 * C
@@ -1555,6 +1621,8 @@ def cl_bwd_par(
             for i in range(hi - lo):
                 j = hi - 1 - i if back else lo + i
                 _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
+            if streaming(dx):
+                store_fence()
 
 
 @njit(cache=True)
@@ -1582,6 +1650,8 @@ def cl_bwd_ser(
         kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
         for j in range(nblocks):
             _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
+        if streaming(dx):
+            store_fence()
 
 
 # -------------------------------------------- one call each way (the direct paths)
