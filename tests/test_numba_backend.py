@@ -1389,3 +1389,33 @@ def test_streaming_stores_give_the_cached_paths_bytes(channels_last):
     y_ref, cache = reference.forward(to_numpy(x), _np(w), _np(b), EPS)
     y_ref = y_ref + to_numpy(res)
     assert_close(layout.from_canonical(y3), torch.from_numpy(np.maximum(y_ref, 0)), torch.float32)
+
+
+@pytest.mark.parametrize("C", [1, 3, 16, 37, 64, 130])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_sums_rows4_is_add_grad_4_bit_for_bit(C, dtype):
+    """``grad_sums_rows4`` (channels-last gradient sums, four rows per step, in IR with the
+    channel groups outermost) gives the bytes of ``_add_grad_4`` called step after step."""
+    from numba import njit
+
+    from batchnorm.backends._numba_kernels import _add_grad_4, _four, grad_sums_rows4
+
+    @njit
+    def plain(dy, x, m, s_dy, s_dx, lo, nsteps, C):
+        for t in range(nsteps):
+            r = lo + 4 * t * C
+            xa, xb, xc, xd = _four(x, r, C, C)
+            ga, gb, gc, gd = _four(dy, r, C, C)
+            _add_grad_4(ga, gb, gc, gd, xa, xb, xc, xd, m, s_dy, s_dx)
+
+    run = njit(lambda *a: grad_sums_rows4(*a))
+    rng = np.random.default_rng(C)
+    rows, lo = 4 * 9 + 3, 5
+    dy, x = ((rng.standard_normal(rows * C + lo) * 3 + 1).astype(dtype) for _ in range(2))
+    m = rng.standard_normal(C).astype(dtype)
+    start = rng.standard_normal((2, C)).astype(dtype)
+    for nsteps in (0, 1, 9):
+        want, got = start.copy(), start.copy()
+        plain(dy, x, m, want[0], want[1], lo, nsteps, C)
+        run(dy, x, m, got[0], got[1], lo, nsteps, C)
+        assert got.tobytes() == want.tobytes()

@@ -541,6 +541,99 @@ def grad_x_tile(typingctx, dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt)
     return sig, _grad_x_codegen
 
 
+# Gradient sums of channels-last rows, four rows per step, with ``_add_grad_4``'s arithmetic:
+# per channel, ``s_dy += (g0 + g1) + (g2 + g3)`` and ``s_dx += (g0 (x0 - m) + g1 (x1 - m)) +
+# (g2 (x2 - m) + g3 (x3 - m))``, step after step. Written in IR with the loops the other way
+# round: for each 64-byte group of channels, all steps, the group's two sums in registers. The
+# plain loop (all channels of one step, then the next) loaded and stored the (C,) sums every
+# step and, for C = 64, ran one vector iteration per call behind LLVM's runtime alias checks.
+
+
+def _grad_rows_body(fn, sty, intp):
+    """Body of ``fn(pdy, px, pm, ps_dy, ps_dx, nsteps, C)``: rows 4 * step + j at
+    (4 * step + j) * C from pdy and px; sums updated in place."""
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    pdy, px, pm, ps_dy, ps_dx, nsteps, C = fn.args
+    item = 4 if isinstance(sty, ir.FloatType) else 8
+    width = _VECTOR_BYTES // item
+    vty = ir.VectorType(sty, width)
+    one = ir.Constant(intp, 1)
+    nvec = builder.mul(builder.udiv(C, ir.Constant(intp, width)), ir.Constant(intp, width))
+    acc_dy = builder.alloca(vty)  # stack slots: LLVM keeps them in registers
+    acc_dx = builder.alloca(vty)
+    sacc_dy = builder.alloca(sty)
+    sacc_dx = builder.alloca(sty)
+
+    def group(k, ty, a_dy, a_dx):
+        """All steps for the channels at k (a vector of them when ty is vty)."""
+
+        def load(p, i):
+            q = builder.gep(p, [i])
+            if ty is sty:
+                return builder.load(q)
+            return builder.load(builder.bitcast(q, ty.as_pointer()), align=1)
+
+        def store(p, i, v):
+            q = builder.gep(p, [i])
+            if ty is sty:
+                builder.store(v, q)
+            else:
+                builder.store(v, builder.bitcast(q, ty.as_pointer()), align=1)
+
+        m = load(pm, k)
+        builder.store(load(ps_dy, k), a_dy)
+        builder.store(load(ps_dx, k), a_dx)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nsteps, one, intp) as (t, _):
+            base = builder.add(builder.mul(builder.mul(t, ir.Constant(intp, 4)), C), k)
+            g, d = [], []
+            for j in range(4):
+                at = builder.add(base, builder.mul(ir.Constant(intp, j), C))
+                gj = load(pdy, at)
+                g.append(gj)
+                d.append(builder.fmul(gj, builder.fsub(load(px, at), m)))
+            t_dy = builder.fadd(builder.fadd(g[0], g[1]), builder.fadd(g[2], g[3]))
+            t_dx = builder.fadd(builder.fadd(d[0], d[1]), builder.fadd(d[2], d[3]))
+            builder.store(builder.fadd(builder.load(a_dy), t_dy), a_dy)
+            builder.store(builder.fadd(builder.load(a_dx), t_dx), a_dx)
+        store(ps_dy, k, builder.load(a_dy))
+        store(ps_dx, k, builder.load(a_dx))
+
+    step = ir.Constant(intp, width)
+    with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nvec, step, intp) as (k, _):
+        group(k, vty, acc_dy, acc_dx)
+    with cgutils.for_range_slice(builder, nvec, C, one, intp) as (k, _):
+        group(k, sty, sacc_dy, sacc_dx)
+    builder.ret_void()
+
+
+def _grad_rows_codegen(context, builder, sig, args):
+    arrays = [context.make_array(sig.args[k])(context, builder, args[k]) for k in range(5)]
+    lo, nsteps, C = args[5:]
+    sty = context.get_value_type(sig.args[0].dtype)
+    intp = context.get_value_type(types.intp)
+    pty = sty.as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [pty] * 5 + [intp, intp])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_grad_rows4_{sty}")
+    if fn.is_declaration:  # one out-of-line copy per module and dtype, as affine_run's
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        _grad_rows_body(fn, sty, intp)
+    ptrs = [builder.gep(arrays[0].data, [lo]), builder.gep(arrays[1].data, [lo])]
+    ptrs += [a.data for a in arrays[2:]]
+    builder.call(fn, [*ptrs, nsteps, C])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def grad_sums_rows4(typingctx, dy, x, m, s_dy, s_dx, lo, nsteps, C):
+    """For rows of C values starting at ``lo`` of dy and x, ``nsteps`` steps of four rows:
+    ``_add_grad_4``'s sums into s_dy and s_dx ((C,), x's dtype), the same bytes. Nothing is
+    bounds-checked."""
+    _ir_check(dy, x, m, s_dy, s_dx)
+    sig = types.void(dy, x, m, s_dy, s_dx, types.intp, types.intp, types.intp)
+    return sig, _grad_rows_codegen
+
+
 @njit(cache=True, inline="always")
 def _aligned(k, L, dt):
     """An empty (k, L) C-contiguous scratch array of dtype dt starting on a 64-byte boundary
@@ -1492,10 +1585,7 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
         s_dy[:] = zero
         s_dyxmu[:] = zero
         r4 = r0 if has_mask else r0 + ((r1 - r0) // 4) * 4
-        for r in range(r0, r4, 4):
-            xa, xb, xc, xd = _four(x, r * C, C, C)
-            ga, gb, gc, gd = _four(dy, r * C, C, C)
-            _add_grad_4(ga, gb, gc, gd, xa, xb, xc, xd, m, s_dy, s_dyxmu)
+        grad_sums_rows4(dy, x, m, s_dy, s_dyxmu, r0 * C, (r4 - r0) // 4, C)
         for r in range(r4, r1):
             xr = x[r * C : (r + 1) * C]
             dyr = dy[r * C : (r + 1) * C]
