@@ -430,12 +430,12 @@ def test_run_sums_are_the_documented_order_bit_for_bit(n, dtype):
     x = (rng.standard_normal(n) * 3 + 1).astype(dtype)
     dy = rng.standard_normal(n).astype(dtype)
     mask = rng.standard_normal(n).astype(dtype)
-    mask[::5] = np.nan  # NaN does not count as > 0
+    mask[::5] = np.nan  # NaN counts (NaN <= 0 is false), as in torch's relu backward
     m = dtype(0.75)
     got = njit(lambda dy, x, mask, m: sum_centred(x, m) + sum_grad(dy, x, m)
                + sum_grad_masked(dy, x, mask, m))(dy, x, mask, m)  # fmt: skip
     d = x - m
-    g = np.where(mask > 0, dy, dtype(0))
+    g = np.where(mask <= 0, dtype(0), dy)
     want = [_run_sum_in_order(v) for v in (d, d * d, dy, dy * d, g, g * d)]
     assert [v.tobytes() for v in map(dtype, got)] == [v.tobytes() for v in want]
     # and the order is a good one: close to the float64 sums
@@ -500,7 +500,7 @@ def test_affine_run_is_the_scalar_formula_bit_for_bit(n, dtype, tiled):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype, tiled):
     """``grad_x_run`` (backward's dx over one run, in LLVM IR) gives NumPy's
-    ``g * k_dy + x * k_x + k_0`` (g: dy where mask > 0, else 0, with a mask; ``dy * k_dy``
+    ``g * k_dy + x * k_x + k_0`` (g: 0 where mask <= 0, else dy, with a mask; ``g * k_dy``
     in eval) over [lo, lo + n) only, with cached or non-temporal stores, from every start
     modulo 64 bytes; an inf in x stays out of eval's dx. ``grad_x_tile``: the k per
     element."""
@@ -534,10 +534,10 @@ def test_grad_x_run_is_the_scalar_formula_bit_for_bit(n, dtype, tiled):
                 run(dy, x, m, dx, lo, n, k_dy, k_x, k_0, training, nt)
                 g = dy[lo : lo + n]
                 if m.size:
-                    g = np.where(m[lo : lo + n] > 0, g, dtype(0))
-                if m.size or training:
+                    g = np.where(m[lo : lo + n] <= 0, dtype(0), g)
+                if training:
                     want = (g * k_dy + x[lo : lo + n] * k_x + k_0).astype(dtype)
-                else:
+                else:  # x plays no part in eval, masked or not
                     want = (g * k_dy).astype(dtype)
                 assert dx[lo : lo + n].tobytes() == want.tobytes()
                 assert (dx[:lo] == 7).all() and (dx[lo + n :] == 7).all()
@@ -1196,6 +1196,8 @@ def _lane_call(c):
         x = torch.cat([x, x], dim=-1)[..., ::2]
     elif c["layout"] == "neg":
         x = torch._neg_view(-x)
+    elif c["layout"] == "sparse":
+        x = x.to_sparse()
     if c["x_grad"]:
         x.requires_grad_(True)
     pd = dtype if dtype in NATIVE else torch.float32
@@ -1212,6 +1214,8 @@ def _lane_call(c):
             return t.requires_grad_(True)
         if kind == "neg":
             return torch._neg_view(-t)
+        if kind == "sparse":
+            return t.to_sparse()
         if kind == "parameter":
             return torch.nn.Parameter(t)
         if kind == "parameter_nograd":
@@ -1233,10 +1237,11 @@ def _lane_call(c):
 
 
 def _lane_state(args, kwargs):
-    """What a call may change: the buffers' bytes and versions."""
+    """What a call may change, and what it must not: bytes and versions of the buffers and
+    num_batches_tracked, and of x, weight and bias."""
     out = []
-    for t in (args[1], args[2], kwargs["num_batches_tracked"]):
-        if t is None:
+    for t in (args[1], args[2], kwargs["num_batches_tracked"], args[0], args[3], args[4]):
+        if t is None or t.layout != torch.strided:
             out.append(None)
         else:
             flat = t.detach().reshape(-1).clone(memory_format=torch.contiguous_format)
@@ -1273,7 +1278,7 @@ def _check_lane(c):
 _LANE_CHOICES = {
     "shape": (_LANE_SHAPES[:-3], _LANE_SHAPES[-3:]),
     "dtype": ([torch.float32, torch.float64], [torch.bfloat16, torch.float16]),
-    "layout": (["contiguous", "cl"], ["strided", "neg"]),
+    "layout": (["contiguous", "cl"], ["strided", "neg", "sparse"]),
     "x_grad": ([False], [True]),
     "buffers": (
         ["ok", "parameter_nograd", "none"],
@@ -1281,7 +1286,7 @@ _LANE_CHOICES = {
     ),  # fmt: skip
     "affine": (
         ["ok", "none", "parameter", "parameter_nograd"],
-        ["shape", "dtype", "strided", "grad", "neg"],
+        ["shape", "dtype", "strided", "grad", "neg", "sparse"],
     ),  # fmt: skip
     "nbt": (["none", "ok"], ["two"]),
     "training": ([True, False], []),
@@ -1352,8 +1357,15 @@ def test_lane_accepts_only_what_validation_accepts_and_gives_the_general_paths_b
     _check_lane(c)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_streaming_stores_give_the_cached_paths_bytes(channels_last):
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((9, 32, 128, 128), False),  # channels over L2_BUDGET: the per-channel path
+     ((7, 48, 97, 101), False),  # channel blocks; runs of 9797 values: heads and tails
+     ((9, 32, 128, 128), True),
+     ((9, 37, 101, 103), True)],  # tiles of 55 rows of 37: heads and tails
+    ids=["nchw-channel", "nchw-block", "cl", "cl-odd"],
+)  # fmt: skip
+def test_streaming_stores_give_the_cached_paths_bytes(shape, channels_last):
     """Outputs over ``STREAM_BYTES`` are written with non-temporal stores (x86 ``movnt``,
     64-byte aligned, fenced per work item). Every output element is a fixed function of its
     inputs and of per-channel coefficients, so the first rows, recomputed as a small tensor
@@ -1361,14 +1373,13 @@ def test_streaming_stores_give_the_cached_paths_bytes(channels_last):
     forward-train's normalisation (residual and relu), and backward's dx (relu mask)."""
     from batchnorm.backends import _numba_kernels as K
 
-    shape = (9, 32, 128, 128)  # 18 MiB of float32: over STREAM_BYTES
     assert np.prod(shape) * 4 > K.STREAM_BYTES
     x, dy = _inputs(shape, channels_last, torch.float32)
     res = make_input(shape, channels_last=channels_last, seed=9, offset=0.0)
     w, b = _params(shape[1], torch.float32)
     x3, layout = canonical(x)
     dy3, res3 = like_canonical(dy, layout), like_canonical(res, layout)
-    rows = x3.shape[0] // 9  # one sample's rows: NCHW (1, C, HW), channels-last (HW, C, 1)
+    rows = x3.shape[0] // shape[0]  # one sample: NCHW (1, C, HW), channels-last (HW, C, 1)
     small = [t[:rows].clone() for t in (x3, dy3, res3)]
     assert small[0].numel() * 4 < K.STREAM_BYTES
 
@@ -1419,3 +1430,80 @@ def test_grad_sums_rows4_is_add_grad_4_bit_for_bit(C, dtype):
         plain(dy, x, m, want[0], want[1], lo, nsteps, C)
         run(dy, x, m, got[0], got[1], lo, nsteps, C)
         assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["direct", "general"])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        ((2, 3, 4, 4), False),
+        ((2, 3, 4, 4), True),
+        ((5, 4, 7, 7), False),
+        ((3, 5, 300), False),
+        ((9, 16, 128, 128), False),
+        ((9, 16, 128, 128), True),
+    ],  # fmt: skip (last two: streamed)
+)
+def test_eval_backward_with_relu_keeps_x_out_of_dx(shape, channels_last, general, monkeypatch):
+    """In eval, dx = dy * w * invstd through the relu's mask: an inf in x must not make dx NaN
+    (x * 0 would), and NaN or -inf outputs pass no gradient, as torch's relu backward."""
+    C = shape[1]
+    x = make_input(shape, channels_last=channels_last)
+    flat = x.view(-1) if not channels_last else x.permute(0, 2, 3, 1).reshape(-1)
+    flat[0], flat[1], flat[2] = float("inf"), float("nan"), float("-inf")
+    w, b = _params(C, torch.float32)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    dy = make_input(shape, channels_last=channels_last, seed=3)
+    if general:
+        _general_path(monkeypatch)
+    xg = x.clone().requires_grad_(True)
+    y = BF.batch_norm(xg, rm, rv, w, b, False, activation="relu", backend="numba")
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    xt = x.clone().requires_grad_(True)
+    yt = torch.relu(torch.nn.functional.batch_norm(xt, rm, rv, w, b, False))
+    (want,) = torch.autograd.grad(yt, xt, dy)
+    assert torch.isfinite(dx).all()
+    assert_close(dx, want, torch.float32)
+
+
+def test_lane_is_only_for_the_numba_backend(monkeypatch):
+    """``backend="torch"`` calls never reach the numba lane; "auto" and "numba" on the CPU do."""
+    calls = _spy(monkeypatch, "lane")
+    x = make_input((4, 3, 5, 5))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with torch.no_grad():
+        for training in (True, False):
+            BF.batch_norm(x, rm, rv, training=training, backend="torch")
+        assert calls == []
+        BF.batch_norm(x, rm, rv, training=False, backend="numba")
+        BF.batch_norm(x, rm, rv, training=False)
+    assert calls == ["lane", "lane"]
+
+
+def test_streaming_intrinsics_emit_non_temporal_stores():
+    """With ``nt`` the IR loops store through ``!nontemporal`` (``movnt`` on x86), and
+    ``streaming`` switches them on over STREAM_BYTES. (What the kernels pass is covered by
+    the byte tests above; the stores' kind has no visible effect but speed.)"""
+    import platform
+
+    from numba import njit
+
+    from batchnorm.backends import _numba_kernels as K
+
+    def f(x, y, t, nt):
+        K.affine_run(x, y, x[:0], 0, x.size, x[0], x[1], False, nt)
+        K.affine_tile(x, y, x[:0], 0, t.size, t, t, False, nt)
+        K.grad_x_run(x, x, x[:0], y, 0, x.size, x[0], x[1], x[2], True, nt)
+        K.grad_x_tile(x, x, x[:0], y, 0, t.size, t, t, t, True, nt)
+        K.store_fence()
+
+    fn = njit(f)
+    x = np.ones(100, np.float32)
+    fn(x, np.empty_like(x), x[:50], True)
+    llvm = "".join(fn.inspect_llvm().values())
+    assert llvm.count("!nontemporal") >= 4
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "movnt" in "".join(fn.inspect_asm().values())
+    streaming = njit(lambda a: K.streaming(a))
+    big = K.STREAM_BYTES // 4 + 1
+    assert streaming(np.empty(big, np.float32)) and not streaming(np.empty(big - 1, np.float32))

@@ -181,3 +181,41 @@ def test_constructor_errors():
         batchnorm.BatchNorm2d(3, backend="gpu")
     with pytest.raises(ValueError, match="activation must be one of"):
         batchnorm.BatchNorm2d(3, activation="tanh")
+
+
+@pytest.mark.parametrize(
+    "name, layout",
+    [
+        ("input", "mkldnn"),
+        ("input", "sparse"),
+        ("weight", "mkldnn"),
+        ("weight", "sparse"),
+        ("running_mean", "sparse"),
+        ("residual", "sparse"),
+    ],  # fmt: skip
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_non_dense_tensors_are_refused_before_anything_moves(name, layout, training):
+    """mkldnn and sparse tensors get a TypeError naming the layout (they used to reach the
+    kernels and fail there, after num_batches_tracked had been bumped)."""
+    args = ok_args()
+    nbt = torch.tensor(3)
+    x = X.clone()
+
+    def convert(t):
+        return t.to_mkldnn() if layout == "mkldnn" else t.to_sparse()
+
+    if name == "input":
+        x = convert(x)
+    elif name == "residual":
+        args["residual"] = convert(X.clone())
+    else:
+        args[name] = convert(args[name])
+    before = [t.clone() for t in (args["running_mean"], args["running_var"])]
+    rm, rv = args["running_mean"], args["running_var"]
+    with pytest.raises(TypeError, match=r"dense \(strided\)"):
+        BF.batch_norm(x, **{**args, "training": training}, num_batches_tracked=nbt)
+    assert int(nbt) == 3
+    for t, b in zip((rm, rv), before):
+        if t.layout == torch.strided:
+            assert torch.equal(t, b)

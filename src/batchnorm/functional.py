@@ -195,6 +195,11 @@ def _validate(
             f"expected a floating-point input (float16, bfloat16, float32 or float64), "
             f"got {x.dtype}; convert it with input.float()"
         )
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"expected a dense (strided) input, got layout {x.layout}; convert it with "
+            "input.to_dense()"
+        )
     if x.dim() < 2:
         raise ValueError(
             f"expected input of shape (N, C, *spatial) with at least 2 dims (got {x.dim()}D input)"
@@ -218,6 +223,8 @@ def _validate(
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.shape != (C,):
             raise ValueError(
                 f"{name} should have shape ({C},) to match the input's {C} channels, "
@@ -253,6 +260,8 @@ def _validate(
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+        if residual.layout != torch.strided:
+            raise TypeError(f"residual must be a dense (strided) tensor, got {residual.layout}")
         if residual.shape != x.shape:
             raise ValueError(
                 f"residual should have the input's shape {tuple(x.shape)}, "

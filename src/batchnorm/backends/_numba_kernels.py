@@ -107,7 +107,8 @@ CL_MIN_ROWS = 64  # rows per channels-last work item at least (C > 512: more tha
 # returns a pair in the arrays' dtype:
 #   sum_centred(x, m) -> (sum(x - m), sum((x - m)^2)); with m = 0 the first is sum(x)
 #   sum_grad(dy, x, m) -> (sum(dy), sum(dy * (x - m)))
-#   sum_grad_masked(dy, x, mask, m) -> the same with dy counted only where mask > 0
+#   sum_grad_masked(dy, x, mask, m) -> the same with dy counted only where not mask <= 0
+#     (mask > 0 or NaN: torch's relu backward, ``threshold_backward``, passes NaN's gradient)
 
 UNROLL = 4  # independent vector accumulators per sum (hides the add latency)
 _VECTOR_BYTES = 64
@@ -204,7 +205,7 @@ def _ir_grad(builder, loads, m, ty):
 
 def _ir_grad_masked(builder, loads, m, ty):
     g, x, mask = loads
-    keep = builder.fcmp_ordered(">", mask, ir.Constant(ty, None))
+    keep = builder.fcmp_unordered(">", mask, ir.Constant(ty, None))  # not (mask <= 0)
     g = builder.select(keep, g, ir.Constant(ty, None))
     return g, builder.fmul(g, builder.fsub(x, m))
 
@@ -433,8 +434,10 @@ def streaming(y):
 
 # ``dx = dy * k_dy + x * k_x + k_0`` over one run (backward of NCHW long runs), in IR for the
 # non-temporal stores: the same arithmetic as the scalar loop (multiplies, then adds left to
-# right, no contraction); dy counts only where mask > 0 when a mask is given (a fused relu);
-# eval is ``dy * k_dy`` (x plays no part: an inf in x must not turn dx into NaN).
+# right, no contraction); dy counts only where not mask <= 0 when a mask is given (a fused
+# relu; NaN passes, as in torch's ``threshold_backward``);
+# eval is ``dy * k_dy``, with or without a mask (x plays no part: an inf in x must not turn
+# dx into NaN).
 
 
 def _ir_grad_x(builder, ptrs, i, vty, k_dy, k_x, k_0, masked, training, zero, nt):
@@ -448,9 +451,9 @@ def _ir_grad_x(builder, ptrs, i, vty, k_dy, k_x, k_0, masked, training, zero, nt
     pdy, px, pmask, pdx = ptrs
     g = load(pdy)
     if masked:
-        g = builder.select(builder.fcmp_ordered(">", load(pmask), zero), g, zero)
+        g = builder.select(builder.fcmp_unordered(">", load(pmask), zero), g, zero)
     v = builder.fmul(g, k_dy)
-    if masked or training:
+    if training:
         v = builder.fadd(builder.fadd(v, builder.fmul(load(px), k_x)), k_0)
     if vty is None:
         builder.store(v, builder.gep(pdx, [i]))
@@ -483,14 +486,13 @@ def _grad_x_body(fn, sty, intp, tiled):
             _ir_grad_x(builder, ptrs, i, None, *coef(i, False), *flags, szero, False)
 
     with builder.if_else(masked) as (with_mask, without):
-        with with_mask:
-            loops(True, True)
-        with without:
-            with builder.if_else(training) as (train, evaluate):
-                with train:
-                    loops(False, True)
-                with evaluate:
-                    loops(False, False)
+        for mask_const, outer in ((True, with_mask), (False, without)):
+            with outer:
+                with builder.if_else(training) as (train, evaluate):
+                    with train:
+                        loops(mask_const, True)
+                    with evaluate:
+                        loops(mask_const, False)
     builder.ret_void()
 
 
@@ -522,8 +524,8 @@ def _grad_x_codegen(context, builder, sig, args):
 @intrinsic
 def grad_x_run(typingctx, dy, x, mask, dx, lo, n, k_dy, k_x, k_0, training, nt):
     """``dx[i] = g * k_dy + x[i] * k_x + k_0`` for i in [lo, lo + n), g = dy[i] (0 where
-    mask[i] > 0 fails, if mask is not empty); ``dy[i] * k_dy`` in eval (training false, no
-    mask). 1-d C-contiguous arrays of one dtype, nothing bounds-checked; the coefficients
+    mask[i] <= 0, if mask is not empty); ``g * k_dy`` in eval (training false). 1-d
+    C-contiguous arrays of one dtype, nothing bounds-checked; the coefficients
     in that dtype. ``nt``: dx written with non-temporal stores (the caller fences)."""
     dtype = _ir_check(dy, x, mask, dx)
     sig = types.void(dy, x, mask, dx, types.intp, types.intp, dtype, dtype, dtype,
@@ -1111,7 +1113,7 @@ def nchw_eval_ser(x, y, res, C, B, mean, invstd, w, b, relu):
 def _segment_grad_sums(dy, x, mask, C, B, c, a0, a1, lo, hi, m, zero):
     """(sum(dy), sum(dy * (x - m))) of channel c over rows [a0, a1) and columns [lo, hi),
     accumulated in x's dtype (at most CHUNK values), returned as float64. dy counts only
-    where mask > 0 when a mask is given (a fused relu)."""
+    where not mask <= 0 when a mask is given (a fused relu: NaN passes, as in torch)."""
     s_dy = zero
     s_dyxmu = zero
     for a in range(a0, a1):
@@ -1225,7 +1227,7 @@ def _nchw_bwd_block_tiled(
             if has_mask:
                 ms = mask[lo : lo + L]
                 for i in range(L):
-                    g = gs[i] if ms[i] > 0 else zero
+                    g = zero if ms[i] <= 0 else gs[i]
                     t_dy[i] += g
                     t_dx[i] += g * (xs[i] - mt[i])
             else:
@@ -1272,9 +1274,14 @@ def _nchw_bwd_block_tiled(
         ds = dx[lo : lo + L]
         if has_mask:
             ms = mask[lo : lo + L]
-            for i in range(L):
-                g = gs[i] if ms[i] > 0 else zero
-                ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
+            if training:
+                for i in range(L):
+                    g = zero if ms[i] <= 0 else gs[i]
+                    ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
+            else:  # eval: x plays no part, as below
+                for i in range(L):
+                    g = zero if ms[i] <= 0 else gs[i]
+                    ds[i] = g * kdy[i]
         elif training:
             for i in range(L):
                 ds[i] = gs[i] * kdy[i] + xs[i] * kx[i] + k0[i]
@@ -1592,7 +1599,7 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
             if has_mask:
                 mr = mask[r * C : (r + 1) * C]
                 for k in range(C):
-                    g = dyr[k] if mr[k] > 0 else zero
+                    g = zero if mr[k] <= 0 else dyr[k]
                     s_dy[k] += g
                     s_dyxmu[k] += g * (xr[k] - m[k])
             else:
@@ -1637,9 +1644,14 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
         ds = dx[lo:hi]
         if has_mask:
             ms = mask[lo:hi]
-            for i in range(hi - lo):
-                g = gs[i] if ms[i] > 0 else zero
-                ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
+            if training:
+                for i in range(hi - lo):
+                    g = zero if ms[i] <= 0 else gs[i]
+                    ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
+            else:  # eval: x plays no part, as below
+                for i in range(hi - lo):
+                    g = zero if ms[i] <= 0 else gs[i]
+                    ds[i] = g * kdy[i]
         elif training:
             for i in range(hi - lo):
                 ds[i] = gs[i] * kdy[i] + xs[i] * kx[i] + k0[i]

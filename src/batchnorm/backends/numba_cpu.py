@@ -236,6 +236,7 @@ def _address(t: Tensor | None) -> int:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
 _grad_enabled = torch.is_grad_enabled
 _TENSOR_DISPATCH = Tensor.__torch_dispatch__
 
@@ -505,7 +506,7 @@ def lane(x, running_mean, running_var, weight, bias, training, momentum, eps,
     or without running buffers) in one kernel call, or None, having touched nothing.
 
     Takes only calls that ``functional._validate`` accepts and the direct paths take:
-    plain tensors (or Parameters) on the CPU, float32/float64, x NCHW-contiguous or
+    plain dense (strided) tensors (or Parameters) on the CPU, float32/float64, x NCHW-contiguous or
     channels-last and not empty, the others contiguous, of shape (C,) and x's dtype, none a
     negative view; no residual (the caller checks), no graph to record, running buffers that
     do not require grad, a float eps (> 0 in training, >= 0 in eval), a float, int or None
@@ -524,7 +525,7 @@ def lane(x, running_mean, running_var, weight, bias, training, momentum, eps,
         return None
     dtype = x.dtype
     z = _ZERO.get(dtype)  # (None: not float32 or float64)
-    if z is None or not x.is_cpu or x.is_neg():
+    if z is None or x.layout is not _STRIDED or not x.is_cpu or x.is_neg():
         return None
     shape = x.shape
     if len(shape) < 2:
@@ -536,8 +537,9 @@ def lane(x, running_mean, running_var, weight, bias, training, momentum, eps,
         return None
     for t in (weight, bias):
         if t is not None and (
-            type(t) not in _PLAIN or t.dtype != dtype or t.shape != (C,) or not t.is_cpu
-            or not t.is_contiguous() or t.is_neg() or (grad and t.requires_grad)
+            type(t) not in _PLAIN or t.layout is not _STRIDED or t.dtype != dtype
+            or t.shape != (C,) or not t.is_cpu or not t.is_contiguous() or t.is_neg()
+            or (grad and t.requires_grad)
         ):  # fmt: skip
             return None
     if running_mean is None or running_var is None:
@@ -546,8 +548,9 @@ def lane(x, running_mean, running_var, weight, bias, training, momentum, eps,
         update = False
     else:
         for t in (running_mean, running_var):
-            if (type(t) not in _PLAIN or t.dtype != dtype or t.shape != (C,) or not t.is_cpu
-                    or not t.is_contiguous() or t.is_neg() or t.requires_grad):  # fmt: skip
+            if (type(t) not in _PLAIN or t.layout is not _STRIDED or t.dtype != dtype
+                    or t.shape != (C,) or not t.is_cpu or not t.is_contiguous() or t.is_neg()
+                    or t.requires_grad):  # fmt: skip
                 return None
         update = training
     nbt = num_batches_tracked
@@ -652,7 +655,8 @@ def grad_sums(
     invstd: Tensor,
     y3_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(sum_dy, sum_dy_xhat)`` per channel; dy counts only where ``y3_mask > 0`` if given."""
+    """``(sum_dy, sum_dy_xhat)`` per channel; with ``y3_mask``, dy counts only where
+    ``y3_mask <= 0`` fails (NaN counts, as in torch's relu backward)."""
     _, sum_dy, sum_dy_xhat = _backward(
         dy3, x3, mean, invstd, None, None, None, 1, True, y3_mask, True, False
     )
