@@ -219,3 +219,18 @@ def test_non_dense_tensors_are_refused_before_anything_moves(name, layout, train
     for t, b in zip((rm, rv), before):
         if t.layout == torch.strided:
             assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize(
+    "momentum, nbt, message",
+    [(10**400, 3, "too large for a float"), (None, -1, "which is 0 here")],
+)
+def test_momentum_errors_move_no_counter(momentum, nbt, message):
+    """A momentum that cannot give a factor raises before num_batches_tracked is bumped (it
+    was bumped, then float() or 1 / 0 failed)."""
+    args = ok_args()
+    counter = torch.tensor(nbt)
+    before = args["running_mean"].clone()
+    with pytest.raises(ValueError, match=message):
+        BF.batch_norm(X, **args, training=True, momentum=momentum, num_batches_tracked=counter)
+    assert int(counter) == nbt and torch.equal(args["running_mean"], before)

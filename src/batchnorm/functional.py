@@ -242,13 +242,24 @@ def _validate(
         if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1:
             raise TypeError("num_batches_tracked must be a one-element int64 tensor or None")
     if momentum is None:
-        if training and running_mean is not None and num_batches_tracked is None:
-            raise ValueError(
-                "momentum=None (a cumulative average) needs num_batches_tracked=; "
-                "pass it or give a float momentum"
-            )
+        if training and running_mean is not None:
+            if num_batches_tracked is None:
+                raise ValueError(
+                    "momentum=None (a cumulative average) needs num_batches_tracked=; "
+                    "pass it or give a float momentum"
+                )
+            if num_batches_tracked.item() == -1:  # the factor would be 1 / 0 after the bump
+                raise ValueError(
+                    "momentum=None divides by num_batches_tracked + 1, which is 0 here "
+                    "(num_batches_tracked=-1)"
+                )
     elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}")
+    elif isinstance(momentum, int):
+        try:
+            float(momentum)
+        except OverflowError:
+            raise ValueError(f"momentum {momentum} is too large for a float") from None
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if training and eps <= 0:

@@ -557,9 +557,9 @@ def lane(x, running_mean, running_var, weight, bias, training, momentum, eps,
     if nbt is not None and (type(nbt) not in _PLAIN or nbt.numel() != 1):
         return None
     if momentum is None:
-        if update and nbt is None:
-            return None
-    elif type(momentum) is not float and type(momentum) is not int:
+        if update and (nbt is None or nbt.item() == -1):
+            return None  # (validation raises: no counter, or a factor of 1 / 0)
+    elif type(momentum) is not float and (type(momentum) is not int or abs(momentum) > 1 << 53):
         return None
     if training:
         if not eps > 0.0 or n == C:  # (n == C: one value per channel)
