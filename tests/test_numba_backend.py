@@ -1361,9 +1361,10 @@ def test_lane_accepts_only_what_validation_accepts_and_gives_the_general_paths_b
     "shape, channels_last",
     [((9, 32, 128, 128), False),  # channels over L2_BUDGET: the per-channel path
      ((7, 48, 97, 101), False),  # channel blocks; runs of 9797 values: heads and tails
+     ((48, 1024, 7, 7), False),  # short runs: the tiled kernels, a sample's block at a time
      ((9, 32, 128, 128), True),
      ((9, 37, 101, 103), True)],  # tiles of 55 rows of 37: heads and tails
-    ids=["nchw-channel", "nchw-block", "cl", "cl-odd"],
+    ids=["nchw-channel", "nchw-block", "nchw-short", "cl", "cl-odd"],
 )  # fmt: skip
 def test_streaming_stores_give_the_cached_paths_bytes(shape, channels_last):
     """Outputs over ``STREAM_BYTES`` are written with non-temporal stores (x86 ``movnt``,

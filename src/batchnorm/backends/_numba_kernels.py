@@ -970,6 +970,10 @@ def _nchw_fwd_block_tiled(
         for i in range(k * B + 1, (k + 1) * B):
             st[i] = st[k * B]
             ht[i] = ht[k * B]
+    if streaming(y):  # one sample's block at a time, streamed (``_nchw_fwd_item`` fences)
+        for a in range(A):
+            affine_tile(x, y, res, (a * C + c0) * B, L, st, ht, relu, True)
+        return
     has_res = res.size > 0
     a4 = 0 if has_res or relu else A // 4 * 4
     S = C * B
@@ -1267,6 +1271,11 @@ def _nchw_bwd_block_tiled(
             kdy[i] = kdy[k * B]
             kx[i] = kx[k * B]
             k0[i] = k0[k * B]
+    if streaming(dx):  # one sample's block at a time, streamed
+        for a in range(A):
+            grad_x_tile(dy, x, mask, dx, (a * C + c0) * B, L, kdy, kx, k0, training, True)
+        store_fence()
+        return
     for a in range(A):
         lo = (a * C + c0) * B
         xs = x[lo : lo + L]
