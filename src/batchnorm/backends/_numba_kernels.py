@@ -1476,35 +1476,15 @@ def _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t):
 
 @njit(cache=True)
 def _cl_apply_block(x, y, res, C, rlo, rhi, sct, sft, relu):
-    """y = x * scale + shift (+ residual, relu) over rows [rlo, rhi); sct, sft: tiles."""
+    """y = x * scale + shift (+ residual, relu) over rows [rlo, rhi); sct, sft: tiles. Each
+    tile of rows through ``affine_tile``, streamed for big outputs (the caller fences). (Its
+    64-byte vector loop also beat the plain numba loop with cached stores: channels-last eval
+    of 8x64x56x56 0.091-0.094 -> 0.073-0.080 ms, alternating bench runs.)"""
     T = tile_rows(C)
-    if streaming(y):  # (the caller fences)
-        for t0 in range(rlo, rhi, T):
-            lo = t0 * C
-            affine_tile(x, y, res, lo, min(t0 + T, rhi) * C - lo, sct, sft, relu, True)
-        return
-    has_res = res.size > 0
+    nt = streaming(y)
     for t0 in range(rlo, rhi, T):
         lo = t0 * C
-        hi = min(t0 + T, rhi) * C
-        xs = x[lo:hi]
-        ys = y[lo:hi]
-        if has_res:
-            rs = res[lo:hi]
-            for i in range(hi - lo):
-                v = xs[i] * sct[i] + sft[i] + rs[i]
-                if relu and v < 0:
-                    v = 0
-                ys[i] = v
-        elif relu:
-            for i in range(hi - lo):
-                v = xs[i] * sct[i] + sft[i]
-                if v < 0:
-                    v = 0
-                ys[i] = v
-        else:
-            for i in range(hi - lo):
-                ys[i] = xs[i] * sct[i] + sft[i]
+        affine_tile(x, y, res, lo, min(t0 + T, rhi) * C - lo, sct, sft, relu, nt)
 
 
 @njit(cache=True)
