@@ -22,6 +22,10 @@ Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
   backwards in the second pass for tensors that may still be in cache.
 * Eval streams the tensor in memory order, NCHW runs through ``affine_run`` (one 64-byte
   vector per step, so short runs such as 7x7 maps stay vectorised).
+* Outputs over ``STREAM_BYTES`` (y, and dx in backward) are written with non-temporal
+  stores (``streaming``; ``affine_run`` / ``affine_tile`` / ``grad_x_run`` / ``grad_x_tile``
+  with ``nt``), fenced once per work item (``store_fence``): no read-for-ownership, and the
+  block being re-read is not evicted by the output. Values are the same either way.
 
 Statistics are two-pass or shifted (sums of x - m and (x - m)^2 about a shift m close to the
 mean: the chunk's or block's own mean, or for channels-last the mean of a block's first rows)
