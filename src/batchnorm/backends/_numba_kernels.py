@@ -249,29 +249,73 @@ def sum_grad_masked(typingctx, dy, x, mask, m):
 def _ir_affine(builder, ptrs, i, vty, scale, shift, relu_const, zero, nt=False):
     """One step of the affine run at index i: scalars when vty is None, else vectors (with
     ``nt``, stored non-temporally to a 64-byte-aligned address)."""
-
-    def load(p):
-        if vty is None:
-            return builder.load(builder.gep(p, [i]))
-        return builder.load(builder.bitcast(builder.gep(p, [i]), vty.as_pointer()), align=1)
-
-    v = builder.fadd(builder.fmul(load(ptrs[0]), scale), shift)
+    v = builder.fadd(builder.fmul(_ir_load(builder, ptrs[0], i, vty), scale), shift)
     if len(ptrs) == 3:
-        v = builder.fadd(v, load(ptrs[2]))
+        v = builder.fadd(v, _ir_load(builder, ptrs[2], i, vty))
     if relu_const:
         v = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+    _ir_put(builder, v, ptrs[1], i, vty, nt)
+
+
+def _ir_load(builder, p, i, vty):
+    """p[i]: a scalar when vty is None, else the vector of vty starting there (unaligned)."""
+    q = builder.gep(p, [i])
     if vty is None:
-        builder.store(v, builder.gep(ptrs[1], [i]))
-    else:
-        _ir_store(builder, v, builder.gep(ptrs[1], [i]), vty, nt)
+        return builder.load(q)
+    return builder.load(builder.bitcast(q, vty.as_pointer()), align=1)
 
 
-def _ir_store(builder, v, p, vty, nt):
-    """Store vector v at p: unaligned, or with ``nt`` non-temporally (p 64-byte aligned)."""
-    st = builder.store(v, builder.bitcast(p, vty.as_pointer()), align=_VECTOR_BYTES if nt else 1)
+def _ir_put(builder, v, p, i, vty, nt=False):
+    """Store v at p[i]: a scalar when vty is None, else a vector, unaligned, or with ``nt``
+    non-temporally (the address 64-byte aligned)."""
+    q = builder.gep(p, [i])
+    if vty is None:
+        builder.store(v, q)
+        return
+    st = builder.store(v, builder.bitcast(q, vty.as_pointer()), align=_VECTOR_BYTES if nt else 1)
     if nt:
         one = ir.Constant(ir.IntType(32), 1)
         st.set_metadata("nontemporal", builder.module.add_metadata([one]))
+
+
+def _vector_type(sty):
+    """(width, vector type) of 64-byte vectors of the scalar type sty."""
+    width = _VECTOR_BYTES // (4 if isinstance(sty, ir.FloatType) else 8)
+    return width, ir.VectorType(sty, width)
+
+
+def _out_of_line(builder, fnty, name, body):
+    """The internal, noinline function ``name`` of this module, its body emitted by
+    ``body(fn)`` the first time: one copy per module and dtype, called from each site. (The
+    four loops of ``affine_run`` inlined at every normalisation site cost 1.7 s of compile
+    time on the first cold forward-train, benchmarks/first_call.py. A kernel linked from
+    several numba libraries holds one renamed copy per library: internal linkage, no
+    clash.)"""
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    if fn.is_declaration:
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        body(fn)
+    return fn
+
+
+def _run_loops(builder, sty, intp, n, nt, pout, step):
+    """The loops of a run of n values written at pout: ``step(i, vty, nt)`` emits one step
+    at index i, scalar (vty None) or vector; scalars up to pout's next 64-byte boundary when
+    ``nt`` (``_run_split``), then vectors, stored non-temporally or not (a branch outside the
+    loops), then the scalar remainder."""
+    width, vty, head, nvec = _run_split(builder, pout, n, nt, sty, intp)
+    one = ir.Constant(intp, 1)
+    with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
+        step(i, None, False)
+    with builder.if_else(nt) as (non_temporal, cached):
+        for flag, branch in ((True, non_temporal), (False, cached)):
+            with branch:
+                with cgutils.for_range_slice(builder, head, nvec, ir.Constant(intp, width),
+                                             intp) as (i, _):  # fmt: skip
+                    step(i, vty, flag)
+    with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
+        step(i, None, False)
 
 
 def _run_split(builder, pout, n, nt, sty, intp):
@@ -279,8 +323,7 @@ def _run_split(builder, pout, n, nt, sty, intp):
     [0, head), vectors in [head, nvec), scalars in [nvec, n). head is 0 without nt, else the
     values before pout's next 64-byte boundary (all n if the run is shorter)."""
     item = 4 if isinstance(sty, ir.FloatType) else 8
-    width = _VECTOR_BYTES // item
-    vty = ir.VectorType(sty, width)
+    width, vty = _vector_type(sty)
     mis = builder.and_(builder.ptrtoint(pout, intp), ir.Constant(intp, _VECTOR_BYTES - 1))
     gap = builder.and_(builder.sub(ir.Constant(intp, _VECTOR_BYTES), mis),
                        ir.Constant(intp, _VECTOR_BYTES - 1))  # fmt: skip
@@ -306,10 +349,7 @@ def _coefficients(builder, vty, values, tiled):
     if tiled:
 
         def coef(i, vector):
-            if not vector:
-                return [builder.load(builder.gep(p, [i])) for p in values]
-            ptrs = [builder.bitcast(builder.gep(p, [i]), vty.as_pointer()) for p in values]
-            return [builder.load(p, align=1) for p in ptrs]
+            return [_ir_load(builder, p, i, vty if vector else None) for p in values]
 
         return coef
     splat = [_splat(builder, vty, v) for v in values]
@@ -323,23 +363,14 @@ def _affine_body(fn, sty, intp, tiled):
     y's next 64-byte boundary, then stores whole vectors non-temporally."""
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     px, py, pr, n, has_res, relu, nt, scale, shift = fn.args
-    width, vty, head, nvec = _run_split(builder, py, n, nt, sty, intp)
-    coef = _coefficients(builder, vty, (scale, shift), tiled)
+    coef = _coefficients(builder, _vector_type(sty)[1], (scale, shift), tiled)
 
     def loops(ptrs, relu_const):
-        one = ir.Constant(intp, 1)
-        szero, vzero = ir.Constant(sty, None), ir.Constant(vty, None)
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
-            _ir_affine(builder, ptrs, i, None, *coef(i, False), relu_const, szero)
-        step = ir.Constant(intp, width)
-        with builder.if_else(nt) as (non_temporal, cached):
-            for flag, branch in ((True, non_temporal), (False, cached)):
-                with branch:
-                    with cgutils.for_range_slice(builder, head, nvec, step, intp) as (i, _):
-                        _ir_affine(builder, ptrs, i, vty, *coef(i, True), relu_const, vzero,
-                                   flag)  # fmt: skip
-        with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
-            _ir_affine(builder, ptrs, i, None, *coef(i, False), relu_const, szero)
+        def step(i, vty, flag):
+            zero = ir.Constant(sty if vty is None else vty, None)
+            _ir_affine(builder, ptrs, i, vty, *coef(i, vty is not None), relu_const, zero, flag)
+
+        _run_loops(builder, sty, intp, n, nt, py, step)
 
     with builder.if_else(has_res) as (with_res, without):
         with with_res:
@@ -366,20 +397,12 @@ def _affine_codegen(context, builder, sig, args):
     if tiled:  # the tiles' data pointers
         scale, shift = (context.make_array(sig.args[k])(context, builder, args[k]).data
                         for k in (5, 6))  # fmt: skip
-    # one function per module and dtype, called from each site, not inlined: the four loops
-    # inlined at every normalisation site cost 1.7 s of compile time on the first cold
-    # forward-train (benchmarks/first_call.py). (A kernel linked from several numba
-    # libraries holds one renamed copy per library: internal linkage, no clash.)
     pty = sty.as_pointer()
     bit = ir.IntType(1)
     cty = pty if tiled else sty
     fnty = ir.FunctionType(ir.VoidType(), [pty, pty, pty, intp, bit, bit, bit, cty, cty])
     name = f"batchnorm_affine_{'tile' if tiled else 'run'}_{sty}"
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    if fn.is_declaration:
-        fn.linkage = "internal"
-        fn.attributes.add("noinline")
-        _affine_body(fn, sty, intp, tiled)
+    fn = _out_of_line(builder, fnty, name, lambda f: _affine_body(f, sty, intp, tiled))
     px, py, pr = (builder.gep(a.data, [lo]) for a in (xa, ya, ra))
     has_res = builder.icmp_unsigned(">", ra.nitems, ir.Constant(intp, 0))
     relu = builder.trunc(relu, bit) if relu.type != bit else relu
@@ -446,23 +469,15 @@ def streaming(y):
 
 def _ir_grad_x(builder, ptrs, i, vty, k_dy, k_x, k_0, masked, training, zero, nt):
     """One step of the dx run at index i: scalars when vty is None, else vectors."""
-
-    def load(p):
-        if vty is None:
-            return builder.load(builder.gep(p, [i]))
-        return builder.load(builder.bitcast(builder.gep(p, [i]), vty.as_pointer()), align=1)
-
     pdy, px, pmask, pdx = ptrs
-    g = load(pdy)
+    g = _ir_load(builder, pdy, i, vty)
     if masked:
-        g = builder.select(builder.fcmp_unordered(">", load(pmask), zero), g, zero)
+        keep = builder.fcmp_unordered(">", _ir_load(builder, pmask, i, vty), zero)
+        g = builder.select(keep, g, zero)
     v = builder.fmul(g, k_dy)
     if training:
-        v = builder.fadd(builder.fadd(v, builder.fmul(load(px), k_x)), k_0)
-    if vty is None:
-        builder.store(v, builder.gep(pdx, [i]))
-    else:
-        _ir_store(builder, v, builder.gep(pdx, [i]), vty, nt)
+        v = builder.fadd(builder.fadd(v, builder.fmul(_ir_load(builder, px, i, vty), k_x)), k_0)
+    _ir_put(builder, v, pdx, i, vty, nt)
 
 
 def _grad_x_body(fn, sty, intp, tiled):
@@ -470,24 +485,16 @@ def _grad_x_body(fn, sty, intp, tiled):
     scalars, or with ``tiled`` pointers to per-element tiles)."""
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     pdy, px, pmask, pdx, n, masked, training, nt, k_dy, k_x, k_0 = fn.args
-    width, vty, head, nvec = _run_split(builder, pdx, n, nt, sty, intp)
-    coef = _coefficients(builder, vty, (k_dy, k_x, k_0), tiled)
+    coef = _coefficients(builder, _vector_type(sty)[1], (k_dy, k_x, k_0), tiled)
     ptrs = (pdy, px, pmask, pdx)
 
     def loops(mask_const, training_const):
-        one = ir.Constant(intp, 1)
-        szero, vzero = ir.Constant(sty, None), ir.Constant(vty, None)
-        flags = (mask_const, training_const)
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), head, one, intp) as (i, _):
-            _ir_grad_x(builder, ptrs, i, None, *coef(i, False), *flags, szero, False)
-        step = ir.Constant(intp, width)
-        with builder.if_else(nt) as (non_temporal, cached):
-            for flag, branch in ((True, non_temporal), (False, cached)):
-                with branch:
-                    with cgutils.for_range_slice(builder, head, nvec, step, intp) as (i, _):
-                        _ir_grad_x(builder, ptrs, i, vty, *coef(i, True), *flags, vzero, flag)
-        with cgutils.for_range_slice(builder, nvec, n, one, intp) as (i, _):
-            _ir_grad_x(builder, ptrs, i, None, *coef(i, False), *flags, szero, False)
+        def step(i, vty, flag):
+            zero = ir.Constant(sty if vty is None else vty, None)
+            _ir_grad_x(builder, ptrs, i, vty, *coef(i, vty is not None), mask_const,
+                       training_const, zero, flag)  # fmt: skip
+
+        _run_loops(builder, sty, intp, n, nt, pdx, step)
 
     with builder.if_else(masked) as (with_mask, without):
         for mask_const, outer in ((True, with_mask), (False, without)):
@@ -513,11 +520,7 @@ def _grad_x_codegen(context, builder, sig, args):
     cty = pty if tiled else sty
     fnty = ir.FunctionType(ir.VoidType(), [pty] * 4 + [intp, bit, bit, bit, cty, cty, cty])
     name = f"batchnorm_grad_x_{'tile' if tiled else 'run'}_{sty}"
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    if fn.is_declaration:  # one out-of-line copy per module and dtype, as affine_run's
-        fn.linkage = "internal"
-        fn.attributes.add("noinline")
-        _grad_x_body(fn, sty, intp, tiled)
+    fn = _out_of_line(builder, fnty, name, lambda f: _grad_x_body(f, sty, intp, tiled))
     ptrs = [builder.gep(a.data, [lo]) for a in arrays]
     masked = builder.icmp_unsigned(">", arrays[2].nitems, ir.Constant(intp, 0))
     flags = [builder.trunc(f, bit) if f.type != bit else f for f in (training, nt)]
@@ -560,9 +563,7 @@ def _grad_rows_body(fn, sty, intp):
     (4 * step + j) * C from pdy and px; sums updated in place."""
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     pdy, px, pm, ps_dy, ps_dx, nsteps, C = fn.args
-    item = 4 if isinstance(sty, ir.FloatType) else 8
-    width = _VECTOR_BYTES // item
-    vty = ir.VectorType(sty, width)
+    width, vty = _vector_type(sty)
     one = ir.Constant(intp, 1)
     nvec = builder.mul(builder.udiv(C, ir.Constant(intp, width)), ir.Constant(intp, width))
     acc_dy = builder.alloca(vty)  # stack slots: LLVM keeps them in registers
@@ -571,20 +572,14 @@ def _grad_rows_body(fn, sty, intp):
     sacc_dx = builder.alloca(sty)
 
     def group(k, ty, a_dy, a_dx):
-        """All steps for the channels at k (a vector of them when ty is vty)."""
+        """All steps for the channels at k (a vector of them when ty is a vector type, else
+        None: one channel)."""
 
         def load(p, i):
-            q = builder.gep(p, [i])
-            if ty is sty:
-                return builder.load(q)
-            return builder.load(builder.bitcast(q, ty.as_pointer()), align=1)
+            return _ir_load(builder, p, i, ty)
 
         def store(p, i, v):
-            q = builder.gep(p, [i])
-            if ty is sty:
-                builder.store(v, q)
-            else:
-                builder.store(v, builder.bitcast(q, ty.as_pointer()), align=1)
+            _ir_put(builder, v, p, i, ty)
 
         m = load(pm, k)
         builder.store(load(ps_dy, k), a_dy)
@@ -608,7 +603,7 @@ def _grad_rows_body(fn, sty, intp):
     with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nvec, step, intp) as (k, _):
         group(k, vty, acc_dy, acc_dx)
     with cgutils.for_range_slice(builder, nvec, C, one, intp) as (k, _):
-        group(k, sty, sacc_dy, sacc_dx)
+        group(k, None, sacc_dy, sacc_dx)
     builder.ret_void()
 
 
@@ -619,11 +614,8 @@ def _grad_rows_codegen(context, builder, sig, args):
     intp = context.get_value_type(types.intp)
     pty = sty.as_pointer()
     fnty = ir.FunctionType(ir.VoidType(), [pty] * 5 + [intp, intp])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"batchnorm_grad_rows4_{sty}")
-    if fn.is_declaration:  # one out-of-line copy per module and dtype, as affine_run's
-        fn.linkage = "internal"
-        fn.attributes.add("noinline")
-        _grad_rows_body(fn, sty, intp)
+    name = f"batchnorm_grad_rows4_{sty}"
+    fn = _out_of_line(builder, fnty, name, lambda f: _grad_rows_body(f, sty, intp))
     ptrs = [builder.gep(arrays[0].data, [lo]), builder.gep(arrays[1].data, [lo])]
     ptrs += [a.data for a in arrays[2:]]
     builder.call(fn, [*ptrs, nsteps, C])
@@ -1275,32 +1267,11 @@ def _nchw_bwd_block_tiled(
             kdy[i] = kdy[k * B]
             kx[i] = kx[k * B]
             k0[i] = k0[k * B]
-    if streaming(dx):  # one sample's block at a time, streamed
-        for a in range(A):
-            grad_x_tile(dy, x, mask, dx, (a * C + c0) * B, L, kdy, kx, k0, training, True)
+    nt = streaming(dx)
+    for a in range(A):  # one sample's block at a time
+        grad_x_tile(dy, x, mask, dx, (a * C + c0) * B, L, kdy, kx, k0, training, nt)
+    if nt:
         store_fence()
-        return
-    for a in range(A):
-        lo = (a * C + c0) * B
-        xs = x[lo : lo + L]
-        gs = dy[lo : lo + L]
-        ds = dx[lo : lo + L]
-        if has_mask:
-            ms = mask[lo : lo + L]
-            if training:
-                for i in range(L):
-                    g = zero if ms[i] <= 0 else gs[i]
-                    ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
-            else:  # eval: x plays no part, as below
-                for i in range(L):
-                    g = zero if ms[i] <= 0 else gs[i]
-                    ds[i] = g * kdy[i]
-        elif training:
-            for i in range(L):
-                ds[i] = gs[i] * kdy[i] + xs[i] * kx[i] + k0[i]
-        else:  # eval: x plays no part (an inf in x must not turn dx into NaN)
-            for i in range(L):
-                ds[i] = gs[i] * kdy[i]
 
 
 @njit(cache=True, parallel=True)
@@ -1605,19 +1576,16 @@ def _cl_block_sums(dy, x, mask, C, rlo, rhi, m, psum_dy, psum_dyxmu, zero, s_dy,
 
 
 @njit(cache=True)
-def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
-    """dx = kdy * dy + kx * x + k0 over rows [rlo, rhi); kt: (3, T * C) tiles of kdy, kx, k0."""
+def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training):
+    """dx = kdy * dy + kx * x + k0 over rows [rlo, rhi); kt: (3, T * C) tiles of kdy, kx, k0
+    (``grad_x_tile``'s formula, with the relu mask and eval)."""
     T = tile_rows(C)
     has_mask = mask.size > 0
     kdy, kx, k0 = kt[0], kt[1], kt[2]
     L = T * C
-    if streaming(dx):  # (the caller fences)
-        for t0 in range(rlo, rhi, T):
-            lo = t0 * C
-            grad_x_tile(dy, x, mask, dx, lo, min(t0 + T, rhi) * C - lo, kdy, kx, k0, training,
-                        True)  # fmt: skip
-        return
-    t4 = rlo if has_mask or not training else rlo + (rhi - rlo) // (4 * T) * (4 * T)
+    nt = streaming(dx)  # (the caller fences)
+    # training without a mask, cached: four tiles per step, below; the rest tile by tile
+    t4 = rlo if has_mask or not training or nt else rlo + (rhi - rlo) // (4 * T) * (4 * T)
     for t0 in range(rlo, t4, 4 * T):  # four tiles per step: each coefficient loaded once for four
         lo = t0 * C
         x0, x1, x2, x3 = _four(x, lo, L, L)
@@ -1631,26 +1599,7 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training, zero):
             d3[i] = g3[i] * p + x3[i] * q + r
     for t0 in range(t4, rhi, T):
         lo = t0 * C
-        hi = min(t0 + T, rhi) * C
-        xs = x[lo:hi]
-        gs = dy[lo:hi]
-        ds = dx[lo:hi]
-        if has_mask:
-            ms = mask[lo:hi]
-            if training:
-                for i in range(hi - lo):
-                    g = zero if ms[i] <= 0 else gs[i]
-                    ds[i] = g * kdy[i] + xs[i] * kx[i] + k0[i]
-            else:  # eval: x plays no part, as below
-                for i in range(hi - lo):
-                    g = zero if ms[i] <= 0 else gs[i]
-                    ds[i] = g * kdy[i]
-        elif training:
-            for i in range(hi - lo):
-                ds[i] = gs[i] * kdy[i] + xs[i] * kx[i] + k0[i]
-        else:  # eval: x plays no part (an inf in x must not turn dx into NaN)
-            for i in range(hi - lo):
-                ds[i] = gs[i] * kdy[i]
+        grad_x_tile(dy, x, mask, dx, lo, min(t0 + T, rhi) * C - lo, kdy, kx, k0, training, nt)
 
 
 @njit(cache=True)
@@ -1719,7 +1668,7 @@ def cl_bwd_par(
             lo, hi = _share(t, nt, nblocks)
             for i in range(hi - lo):
                 j = hi - 1 - i if back else lo + i
-                _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
+                _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training)
             if streaming(dx):
                 store_fence()
 
@@ -1748,7 +1697,7 @@ def cl_bwd_ser(
     if do_dx:
         kt = _dx_tiles(C, mean, invstd, w, sum_dy, sum_dy_xhat, count, training, x)
         for j in range(nblocks):
-            _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training, zero)
+            _cl_dx_block(dy, x, mask, dx, C, j * RB, min(A, (j + 1) * RB), kt, training)
         if streaming(dx):
             store_fence()
 

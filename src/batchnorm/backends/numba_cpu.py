@@ -279,22 +279,28 @@ def _plan(x: Tensor, read, written=(), residual: Tensor | None = None) -> tuple 
     for t in written:
         if t is not None and t.requires_grad:
             return None
-    N, C = x.shape[0], x.shape[1]
-    # (the memory format is checked in this order: a tensor both contiguous and channels-last,
-    # C = 1, is taken as NCHW, as the general path takes it)
-    if x.is_contiguous():  # NCHW runs, or (N, C) rows
-        fmt = torch.contiguous_format
-    elif x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
-        fmt = _CHANNELS_LAST[x.dim()]
-    else:
+    plan = _memory_plan(x, x.shape, n)
+    if plan is None:
         return None
     if residual is not None and (
-        residual.dtype != x.dtype or not residual.is_contiguous(memory_format=fmt)
+        residual.dtype != x.dtype or not residual.is_contiguous(memory_format=plan[3])
         or residual.is_neg() or not _has_storage(residual)
     ):  # fmt: skip
         return None
-    if fmt is torch.contiguous_format:
-        return N, C, n // (N * C), fmt
+    return plan
+
+
+def _memory_plan(x: Tensor, shape, n: int) -> tuple | None:
+    """``(A, C, B, fmt)`` of a non-empty x of ``shape`` and n values: NCHW runs (or (N, C)
+    rows) if contiguous, rows of C if channels-last, else None. (Checked in this order: a
+    tensor both contiguous and channels-last, C = 1, is taken as NCHW, as the general path
+    takes it.)"""
+    N, C = shape[0], shape[1]
+    if x.is_contiguous():
+        return N, C, n // (N * C), torch.contiguous_format
+    fmt = _CHANNELS_LAST.get(len(shape))
+    if fmt is None or not x.is_contiguous(memory_format=fmt):
+        return None
     return n // C, C, 1, fmt
 
 
@@ -566,14 +572,9 @@ def lane(x, running_mean, running_var, weight, bias, training, momentum, eps,
             return None
     elif not eps >= 0.0:
         return None
-    N = shape[0]
-    if x.is_contiguous():
-        plan = (N, C, n // (N * C), torch.contiguous_format)
-    else:
-        fmt = _CHANNELS_LAST.get(len(shape))
-        if fmt is None or not x.is_contiguous(memory_format=fmt):
-            return None
-        plan = (n // C, C, 1, fmt)
+    plan = _memory_plan(x, shape, n)
+    if plan is None:
+        return None
     relu = activation is not None
     if not update:
         return _forward_call(x, weight, bias, None, running_mean, running_var, plan, training,
