@@ -114,6 +114,7 @@ CL_MIN_ROWS = 64  # rows per channels-last work item at least (C > 512: more tha
 #   sum_grad_masked(dy, x, mask, m) -> the same with dy counted only where not mask <= 0
 #     (mask > 0 or NaN: torch's relu backward, ``threshold_backward``, passes NaN's gradient)
 
+ROWS_BAND = 4  # 64-byte vectors of channels per band of grad_sums_rows4
 UNROLL = 4  # independent vector accumulators per sum (hides the add latency)
 _VECTOR_BYTES = 64
 
@@ -566,44 +567,52 @@ def _grad_rows_body(fn, sty, intp):
     width, vty = _vector_type(sty)
     one = ir.Constant(intp, 1)
     nvec = builder.mul(builder.udiv(C, ir.Constant(intp, width)), ir.Constant(intp, width))
-    acc_dy = builder.alloca(vty)  # stack slots: LLVM keeps them in registers
-    acc_dx = builder.alloca(vty)
-    sacc_dy = builder.alloca(sty)
-    sacc_dx = builder.alloca(sty)
 
-    def group(k, ty, a_dy, a_dx):
-        """All steps for the channels at k (a vector of them when ty is a vector type, else
-        None: one channel)."""
+    def group(k, ty, lanes):
+        """All steps for ``lanes`` vectors (ty a vector type) or one channel (ty None) of
+        channels from k: their sums in registers (stack slots LLVM promotes)."""
+        w = 1 if ty is None else width
+        at_k = [builder.add(k, ir.Constant(intp, q * w)) for q in range(lanes)]
 
         def load(p, i):
             return _ir_load(builder, p, i, ty)
 
-        def store(p, i, v):
-            _ir_put(builder, v, p, i, ty)
-
-        m = load(pm, k)
-        builder.store(load(ps_dy, k), a_dy)
-        builder.store(load(ps_dx, k), a_dx)
+        m = [load(pm, a) for a in at_k]
+        acc = []
+        for a in at_k:
+            a_dy, a_dx = cgutils.alloca_once(builder, ty or sty), cgutils.alloca_once(
+                builder, ty or sty)  # fmt: skip
+            builder.store(load(ps_dy, a), a_dy)
+            builder.store(load(ps_dx, a), a_dx)
+            acc.append((a_dy, a_dx))
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nsteps, one, intp) as (t, _):
-            base = builder.add(builder.mul(builder.mul(t, ir.Constant(intp, 4)), C), k)
-            g, d = [], []
-            for j in range(4):
-                at = builder.add(base, builder.mul(ir.Constant(intp, j), C))
-                gj = load(pdy, at)
-                g.append(gj)
-                d.append(builder.fmul(gj, builder.fsub(load(px, at), m)))
-            t_dy = builder.fadd(builder.fadd(g[0], g[1]), builder.fadd(g[2], g[3]))
-            t_dx = builder.fadd(builder.fadd(d[0], d[1]), builder.fadd(d[2], d[3]))
-            builder.store(builder.fadd(builder.load(a_dy), t_dy), a_dy)
-            builder.store(builder.fadd(builder.load(a_dx), t_dx), a_dx)
-        store(ps_dy, k, builder.load(a_dy))
-        store(ps_dx, k, builder.load(a_dx))
+            base = builder.mul(builder.mul(t, ir.Constant(intp, 4)), C)
+            for q in range(lanes):
+                g, d = [], []
+                for j in range(4):
+                    at = builder.add(builder.add(base, builder.mul(ir.Constant(intp, j), C)),
+                                     at_k[q])  # fmt: skip
+                    gj = load(pdy, at)
+                    g.append(gj)
+                    d.append(builder.fmul(gj, builder.fsub(load(px, at), m[q])))
+                t_dy = builder.fadd(builder.fadd(g[0], g[1]), builder.fadd(g[2], g[3]))
+                t_dx = builder.fadd(builder.fadd(d[0], d[1]), builder.fadd(d[2], d[3]))
+                a_dy, a_dx = acc[q]
+                builder.store(builder.fadd(builder.load(a_dy), t_dy), a_dy)
+                builder.store(builder.fadd(builder.load(a_dx), t_dx), a_dx)
+        for a, (a_dy, a_dx) in zip(at_k, acc):
+            _ir_put(builder, builder.load(a_dy), ps_dy, a, ty)
+            _ir_put(builder, builder.load(a_dx), ps_dx, a, ty)
 
-    step = ir.Constant(intp, width)
-    with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nvec, step, intp) as (k, _):
-        group(k, vty, acc_dy, acc_dx)
+    band = ROWS_BAND * width
+    nband = builder.mul(builder.udiv(C, ir.Constant(intp, band)), ir.Constant(intp, band))
+    with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nband, ir.Constant(intp, band),
+                                 intp) as (k, _):  # fmt: skip
+        group(k, vty, ROWS_BAND)
+    with cgutils.for_range_slice(builder, nband, nvec, ir.Constant(intp, width), intp) as (k, _):
+        group(k, vty, 1)
     with cgutils.for_range_slice(builder, nvec, C, one, intp) as (k, _):
-        group(k, None, sacc_dy, sacc_dx)
+        group(k, None, 1)
     builder.ret_void()
 
 
