@@ -1613,14 +1613,19 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training):
 
 @njit(cache=True)
 def _cl_sums_combine(C, invstd, psum_dy, psum_dyxmu, sum_dy, sum_dy_xhat):
+    """The blocks' partial sums added in block order per channel, blocks outside and channels
+    inside (vectorised, rows read in order: with the channel loop outside, reading a column
+    at a time, this serial step took 85 us of 64x512x7x7's 0.27 ms backward)."""
+    t_dy = np.zeros(C)
+    t_dyxmu = np.zeros(C)
+    for j in range(psum_dy.shape[0]):
+        p_dy, p_dyxmu = psum_dy[j], psum_dyxmu[j]
+        for c in range(C):
+            t_dy[c] += p_dy[c]
+            t_dyxmu[c] += p_dyxmu[c]
     for c in range(C):
-        t_dy = 0.0
-        t_dyxmu = 0.0
-        for j in range(psum_dy.shape[0]):
-            t_dy += psum_dy[j, c]
-            t_dyxmu += psum_dyxmu[j, c]
-        sum_dy[c] = t_dy
-        sum_dy_xhat[c] = t_dyxmu * np.float64(invstd[c])
+        sum_dy[c] = t_dy[c]
+        sum_dy_xhat[c] = t_dyxmu[c] * np.float64(invstd[c])
 
 
 @njit(cache=True)
