@@ -1403,14 +1403,23 @@ def test_streaming_stores_give_the_cached_paths_bytes(shape, channels_last):
     assert_close(layout.from_canonical(y3), torch.from_numpy(np.maximum(y_ref, 0)), torch.float32)
 
 
-@pytest.mark.parametrize("C", [1, 3, 16, 37, 64, 130])
+# C: bands of four 64-byte vectors, single vectors after them, scalar channels, or a mix
+@pytest.mark.parametrize("C", [1, 3, 16, 37, 64, 100, 130, 300])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_grad_sums_rows4_is_add_grad_4_bit_for_bit(C, dtype):
-    """``grad_sums_rows4`` (channels-last gradient sums, four rows per step, in IR with the
-    channel groups outermost) gives the bytes of ``_add_grad_4`` called step after step."""
+@pytest.mark.parametrize("kind", ["grad", "centred"])
+def test_rows4_intrinsics_are_the_numba_loops_bit_for_bit(C, dtype, kind):
+    """``grad_sums_rows4`` and ``centred_sums_rows4`` (channels-last sums, four rows per step,
+    in IR with bands of channels outermost) give the bytes of ``_add_grad_4`` and
+    ``_add_centred_4`` called step after step."""
     from numba import njit
 
-    from batchnorm.backends._numba_kernels import _add_grad_4, _four, grad_sums_rows4
+    from batchnorm.backends._numba_kernels import (
+        _add_centred_4,
+        _add_grad_4,
+        _four,
+        centred_sums_rows4,
+        grad_sums_rows4,
+    )
 
     @njit
     def plain(dy, x, m, s_dy, s_dx, lo, nsteps, C):
@@ -1420,17 +1429,28 @@ def test_grad_sums_rows4_is_add_grad_4_bit_for_bit(C, dtype):
             ga, gb, gc, gd = _four(dy, r, C, C)
             _add_grad_4(ga, gb, gc, gd, xa, xb, xc, xd, m, s_dy, s_dx)
 
-    run = njit(lambda *a: grad_sums_rows4(*a))
+    @njit
+    def plain_centred(x, m, s1, s2, lo, nsteps, C):
+        for t in range(nsteps):
+            xa, xb, xc, xd = _four(x, lo + 4 * t * C, C, C)
+            _add_centred_4(xa, xb, xc, xd, m, s1, s2)
+
     rng = np.random.default_rng(C)
     rows, lo = 4 * 9 + 3, 5
     dy, x = ((rng.standard_normal(rows * C + lo) * 3 + 1).astype(dtype) for _ in range(2))
     m = rng.standard_normal(C).astype(dtype)
     start = rng.standard_normal((2, C)).astype(dtype)
+    if kind == "grad":
+        run = njit(lambda *a: grad_sums_rows4(*a))
+    else:
+        run = njit(lambda dy, x, m, s1, s2, lo, n, C: centred_sums_rows4(x, m, s1, s2, lo, n, C))
+        plain = njit(lambda dy, x, m, s1, s2, lo, n, C: plain_centred(x, m, s1, s2, lo, n, C))
     for nsteps in (0, 1, 9):
         want, got = start.copy(), start.copy()
         plain(dy, x, m, want[0], want[1], lo, nsteps, C)
         run(dy, x, m, got[0], got[1], lo, nsteps, C)
         assert got.tobytes() == want.tobytes()
+        assert nsteps == 0 or not np.array_equal(got, start)
 
 
 @pytest.mark.parametrize("general", [False, True], ids=["direct", "general"])
