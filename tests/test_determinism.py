@@ -45,7 +45,7 @@ cases = [
     ((8, 32, 3, 3), True, torch.float64),
     ((67, 40, 7, 7), False, torch.float32),  # short runs, N prime > FLUSH_ROWS: 4-sample steps
     ((2, 1031, 5, 7), True, torch.float32),  # channels-last, C > 512
-    ((74, 64, 30, 30), False, torch.float32),  # over 16 MiB, runs of 900: blocks re-read from L3
+    ((74, 64, 30, 30), False, torch.float32),  # over 16 MiB, runs of 900: next runs prefetched
 ]
 for shape, cl, dtype in cases:
     g = torch.Generator().manual_seed(0)

@@ -3,13 +3,12 @@
 Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
 
 * ``B > 1`` (NCHW): channel ``c`` is ``A`` runs of ``B`` contiguous values. A work item is a
-  block of whole channels that fits ``L2_BUDGET`` (tensors over ``L3_REUSE_BYTES`` with runs
-  of ``SMALL_B`` to ``L3_BLOCK_MAX_B`` values: at least 4 blocks, at most about ``L3_BLOCK``
-  bytes each; see ``channels_per_block``); for each
-  sample the block is one contiguous run, so the first pass streams from memory in order and
-  the later passes (centred sums, normalisation; or dx in backward) re-read the block from L2
-  (or L3): one read from memory and one write per element in forward-train, two reads and one
-  write in backward. Short runs
+  block of whole channels that fits ``L2_BUDGET`` (``channels_per_block``); for each
+  sample the block is one contiguous run, so the first pass streams from memory in order
+  (runs under ``PREFETCH_MAX_B`` values prefetch the next sample's) and the later passes
+  (centred sums, normalisation; or dx in backward) re-read the block from L2: one read from
+  memory and one write per element in forward-train, two reads and one write in backward.
+  Short runs
   (``B < SMALL_B``, e.g. 7x7 maps) use one flat loop per sample over the block against
   per-position accumulators and repeated per-channel coefficients ("tiles"). A channel bigger
   than the budget gets L1-sized chunks with a shifted two-pass each, merged with Chan's
@@ -80,8 +79,11 @@ L3_REUSE_BYTES = 16 << 20  # tensors up to this size may stay in L3 between two 
 # faster forward-train, eval and backward than cached stores (e.g. 8x128x64x64 NCHW
 # forward-train 4.3x -> 5.3x torch; channels-last eval of 6x128x64x64 0.40 -> 0.32 ms).
 STREAM_BYTES = 8 << 20
-L3_BLOCK = 16 << 20  # NCHW work items of bigger tensors: at most this many bytes (x, or x, dy)
-L3_BLOCK_MAX_B = 2048  # ... for runs shorter than this (longer ones stream well in L2 blocks)
+# NCHW runs shorter than this (and at least SMALL_B) get a software prefetch of the next
+# sample's runs of the block in the first pass: a sample's part of a block (a few KiB: 2
+# channels of 28x28 are 6 KiB) starts on a new page, where the hardware prefetchers stop
+# and start again. Longer runs stream well without.
+PREFETCH_MAX_B = 2048
 EVAL_VALUES = 1 << 16  # values per work item of the streaming eval kernel
 MIN_BLOCKS = 16  # channel blocks per tensor at least (when C allows): load balance
 SMALL_B = 256  # NCHW runs shorter than this go through the tiled block kernel
@@ -454,6 +456,33 @@ def store_fence(typingctx):
     return types.void(), _fence_codegen
 
 
+def _prefetch_codegen(context, builder, sig, args):
+    arr = context.make_array(sig.args[0])(context, builder, args[0])
+    lo, n = args[1], args[2]
+    intp = context.get_value_type(types.intp)
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    item = context.get_abi_sizeof(context.get_value_type(sig.args[0].dtype))
+    start = builder.ptrtoint(builder.gep(arr.data, [lo]), intp)
+    stop = builder.add(start, builder.mul(n, ir.Constant(intp, item)))
+    first = builder.and_(start, ir.Constant(intp, -64))
+    step = ir.Constant(intp, 64)
+    with cgutils.for_range_slice(builder, first, stop, step, intp) as (q, _):
+        builder.call(fn, [builder.inttoptr(q, i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])  # fmt: skip
+    return context.get_dummy_value()
+
+
+@intrinsic
+def prefetch(typingctx, x, lo, n):
+    """Asks for the cache lines of x[lo : lo + n] ahead of their use (``llvm.prefetch``, read,
+    locality 3: x86 ``prefetcht0``), one instruction per 64-byte line; no effect on any value,
+    and an address past x's end does not fault."""
+    return types.void(x, types.intp, types.intp), _prefetch_codegen
+
+
 @njit(cache=True, inline="always")
 def streaming(y):
     """Whether the kernels write y with non-temporal stores: y over ``STREAM_BYTES``."""
@@ -785,32 +814,22 @@ def _nchw_fwd_channel(
 
 
 @njit(cache=True)
-def channels_per_block(A, C, B, itemsize, streams, min_blocks, threads):
+def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     """Channels per NCHW work item (``streams`` tensors of them are read: x, or x and dy).
 
-    Tensors whose streams fit L3_REUSE_BYTES: as many whole channels as fit L2_BUDGET, at most
-    C / min_blocks (MIN_BLOCKS for load balance, or 1 for the serial drivers of short runs,
-    B < SMALL_B, where more blocks only cost per-block set-up), so the later passes re-read
-    from L2. Bigger ones with runs of SMALL_B to L3_BLOCK_MAX_B values: a multiple of 4
-    blocks, at least 4 and one per thread (``threads``: the parallel driver's thread count, 0
-    for the serial ones), of about L3_BLOCK bytes or less (whole channels, ceil(C / blocks) of
-    them, so more when C is small): a sample's part of a block is then a long
-    contiguous run (short ones, e.g. 2 channels of 28x28 = 6 KiB, left the first pass waiting
-    on memory: the prefetchers stop at page boundaries) and the later passes re-read it from
-    L3; measured on (32, 256, 28, 28) backward, 1.78 -> 1.11 ms. Not for longer runs: their L2
-    blocks already stream well, and with the copy floor at half speed (a neighbour holding the
-    L3, we guess) re-reading from it lost 11-27% on 8x64x112x112 and 8x256x56x56 in
-    alternating public-API runs, more than it won otherwise (10-18% on backward). Results do
-    not depend on the blocking: the tiled kernels of short runs sum per position, then fold
-    per channel; the long-run kernels sum each run of a channel in a fixed order and add the
-    runs in row order."""
+    As many whole channels as fit L2_BUDGET, at most C / min_blocks (MIN_BLOCKS for load
+    balance, or 1 for the serial drivers of short runs, B < SMALL_B, where more blocks only
+    cost per-block set-up), so the later passes re-read from L2. (Tensors over 16 MiB with
+    runs of 256 to 2048 values used to get a few blocks of up to 16 MiB, re-read from L3, since
+    a sample's part of an L2 block, e.g. 2 channels of 28x28 = 6 KiB, left the first pass
+    waiting on memory. The first pass now prefetches the next sample's part instead
+    (``PREFETCH_MAX_B``), which needs no L3: with the L3 slow (the machine's slow state, a
+    neighbour holding it, we guess) that L2 blocking was ahead by 10-25%, forward-train of
+    32x256x28x28 3.4-4.1x -> 4.7-5.2x torch, backward of 64x128x28x28 2.23-2.31 -> 1.78-1.81
+    ms; with it fast, backward was up to 7% behind.) Results do not depend on the blocking:
+    the tiled kernels of short runs sum per position, then fold per channel; the long-run
+    kernels sum each run of a channel in a fixed order and add the runs in row order."""
     per_channel = max(1, A * B * itemsize * streams)
-    if SMALL_B <= B < L3_BLOCK_MAX_B and C * per_channel > L3_REUSE_BYTES:
-        # at least 4 blocks and one per thread (blocking never changes a result, so it may
-        # follow the thread count), about L3_BLOCK bytes or less each, a multiple of 4
-        blocks = max(4, threads, (C * per_channel + L3_BLOCK - 1) // L3_BLOCK)
-        blocks = (blocks + 3) // 4 * 4
-        return max(1, (C + blocks - 1) // blocks)
     cb = max(1, L2_BUDGET // per_channel)
     return max(1, min(cb, (C + min_blocks - 1) // min_blocks))
 
@@ -822,10 +841,10 @@ def _nchw_fwd_block(
     """Channels [c0, c1): two-pass statistics then normalisation, rows in memory order.
 
     For each sample a, the block's channels are one contiguous run of (c1 - c0) * B values,
-    so the first pass streams from memory; the block fits L2 (or, for the big blocks of
-    ``channels_per_block``, L3), so the centred second pass and the normalisation read it from
-    there. Scratch (allocated by the caller, once per call on
-    the serial path: tiny tensors are all overhead): sx (3, >= c1 - c0) in x's dtype, sd
+    so the first pass streams from memory (prefetching the next sample's runs when they are
+    short); the block fits L2, so the centred second pass and the normalisation read it from
+    there. Scratch (allocated by the caller, once per call on the serial path: tiny tensors
+    are all overhead): sx (3, >= c1 - c0) in x's dtype, sd
     (3, >= c1 - c0) float64."""
     nc = c1 - c0
     n = A * B
@@ -836,6 +855,8 @@ def _nchw_fwd_block(
             t1[k] = 0.0
             t2[k] = 0.0
         for a in range(A):
+            if B < PREFETCH_MAX_B and a + 1 < A:  # the next sample's runs
+                prefetch(x, ((a + 1) * C + c0) * B, nc * B)
             for k in range(nc):
                 base = (a * C + c0 + k) * B
                 for lo in range(0, B, CHUNK):
@@ -1075,7 +1096,7 @@ def _nchw_fwd_work(c0, c1, x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, s
 @njit(cache=True, parallel=True)
 def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, threads):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 1, MIN_BLOCKS, threads)
+    cb = channels_per_block(A, C, B, x.itemsize, 1, MIN_BLOCKS)
     for j in prange((C + cb - 1) // cb):
         sx = np.empty((3, max(cb, 2)), x.dtype)
         sd = np.empty((3, cb))
@@ -1088,7 +1109,7 @@ def nchw_fwd_par(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, appl
 @njit(cache=True)
 def nchw_fwd_ser(x, y, res, A, C, B, mean, var, invstd, w, b, eps_t, stats, apply, relu, threads):
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 1, 1 if B < SMALL_B else MIN_BLOCKS, threads)
+    cb = channels_per_block(A, C, B, x.itemsize, 1, 1 if B < SMALL_B else MIN_BLOCKS)
     sx = np.empty((3, max(cb, 2)), x.dtype)
     sd = np.empty((3, cb))
     for j in range((C + cb - 1) // cb):
@@ -1167,8 +1188,7 @@ def _nchw_bwd_block(
     sums, do_dx, training, zero, sx, sd,
 ):  # fmt: skip
     """sum_dy, sum_dy_xhat and/or dx of channels [c0, c1), rows in memory order: the sums
-    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it; L3
-    for the big blocks of ``channels_per_block``).
+    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it).
     Scratch: sx (4, >= c1 - c0) in x's dtype, sd (2, >= c1 - c0) float64."""
     nc = c1 - c0
     for k in range(nc):
@@ -1179,6 +1199,9 @@ def _nchw_bwd_block(
             t_dy[k] = 0.0
             t_dyxmu[k] = 0.0
         for a in range(A):
+            if B < PREFETCH_MAX_B and a + 1 < A:  # the next sample's runs
+                prefetch(x, ((a + 1) * C + c0) * B, nc * B)
+                prefetch(dy, ((a + 1) * C + c0) * B, nc * B)
             for k in range(nc):
                 m = sx[0, k]
                 for lo in range(0, B, CHUNK):
@@ -1313,7 +1336,7 @@ def nchw_bwd_par(
     threads,
 ):  # fmt: skip
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 2, MIN_BLOCKS, threads)
+    cb = channels_per_block(A, C, B, x.itemsize, 2, MIN_BLOCKS)
     for j in prange((C + cb - 1) // cb):
         c0 = j * cb
         c1 = min(C, c0 + cb)
@@ -1337,7 +1360,7 @@ def nchw_bwd_ser(
     threads,
 ):  # fmt: skip
     zero = np.zeros(1, x.dtype)[0]
-    cb = channels_per_block(A, C, B, x.itemsize, 2, 1 if B < SMALL_B else MIN_BLOCKS, threads)
+    cb = channels_per_block(A, C, B, x.itemsize, 2, 1 if B < SMALL_B else MIN_BLOCKS)
     sx = np.empty((4, cb), x.dtype)
     sd = np.empty((2, cb))
     for j in range((C + cb - 1) // cb):
