@@ -1231,8 +1231,12 @@ def _nchw_bwd_block(
         sx[2, k] = k_x
         sx[3, k] = k_0
     nt = streaming(dx)
-    for a in range(A):
-        for k in range(nc):
+    # backwards: the runs the sums read last are the likeliest still in L2, so a block bigger
+    # than L2 (one channel of x and dy over L2_BUDGET, as 8x64x112x112's 784 KiB) misses on
+    # what was evicted only, not on everything in turn (in one process, alternating,
+    # 8x64x112x112 backward 1.32 -> 1.24 ms, 8x256x56x56 1.26 -> 1.20, 32x256x28x28 equal)
+    for a in range(A - 1, -1, -1):
+        for k in range(nc - 1, -1, -1):
             base = (a * C + c0 + k) * B
             grad_x_run(dy, x, mask, dx, base, B, sx[1, k], sx[2, k], sx[3, k], training, nt)
     if nt:
