@@ -1360,21 +1360,22 @@ def test_lane_accepts_only_what_validation_accepts_and_gives_the_general_paths_b
 @pytest.mark.parametrize(
     "shape, channels_last",
     [((9, 32, 128, 128), False),  # channels over L2_BUDGET: the per-channel path
-     ((7, 48, 97, 101), False),  # channel blocks; runs of 9797 values: heads and tails
-     ((48, 1024, 7, 7), False),  # short runs: the tiled kernels, a sample's block at a time
+     ((9, 48, 97, 101), False),  # channel blocks; runs of 9797 values: heads and tails
+     ((80, 1024, 7, 7), False),  # short runs: the tiled kernels, a sample's block at a time
      ((9, 32, 128, 128), True),
      ((9, 37, 101, 103), True)],  # tiles of 55 rows of 37: heads and tails
     ids=["nchw-channel", "nchw-block", "nchw-short", "cl", "cl-odd"],
 )  # fmt: skip
 def test_streaming_stores_give_the_cached_paths_bytes(shape, channels_last):
-    """Outputs over ``STREAM_BYTES`` are written with non-temporal stores (x86 ``movnt``,
-    64-byte aligned, fenced per work item). Every output element is a fixed function of its
-    inputs and of per-channel coefficients, so the first rows, recomputed as a small tensor
-    (cached stores) from the big call's statistics, must give the big call's bytes: eval,
-    forward-train's normalisation (residual and relu), and backward's dx (relu mask)."""
+    """Outputs over ``STREAM_BYTES`` (NCHW eval: ``EVAL_STREAM_BYTES``) are written with
+    non-temporal stores (x86 ``movnt``, 64-byte aligned, fenced per work item). Every output
+    element is a fixed function of its inputs and of per-channel coefficients, so the first
+    rows, recomputed as a small tensor (cached stores) from the big call's statistics, must
+    give the big call's bytes: eval, forward-train's normalisation (residual and relu), and
+    backward's dx (relu mask)."""
     from batchnorm.backends import _numba_kernels as K
 
-    assert np.prod(shape) * 4 > K.STREAM_BYTES
+    assert np.prod(shape) * 4 > (K.STREAM_BYTES if channels_last else K.EVAL_STREAM_BYTES)
     x, dy = _inputs(shape, channels_last, torch.float32)
     res = make_input(shape, channels_last=channels_last, seed=9, offset=0.0)
     w, b = _params(shape[1], torch.float32)
@@ -1525,9 +1526,14 @@ def test_streaming_intrinsics_emit_non_temporal_stores():
     assert llvm.count("!nontemporal") >= 4
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "movnt" in "".join(fn.inspect_asm().values())
-    streaming = njit(lambda a: K.streaming(a))
-    big = K.STREAM_BYTES // 4 + 1
-    assert streaming(np.empty(big, np.float32)) and not streaming(np.empty(big - 1, np.float32))
+    checks = (
+        (njit(lambda a: K.streaming(a)), K.STREAM_BYTES),
+        (njit(lambda a: K.streaming_eval(a)), K.EVAL_STREAM_BYTES),
+    )
+    for streaming, limit in checks:
+        big = limit // 4 + 1
+        assert streaming(np.empty(big, np.float32))
+        assert not streaming(np.empty(big - 1, np.float32))
 
 
 def test_prefetch_asks_for_each_line_and_changes_nothing():

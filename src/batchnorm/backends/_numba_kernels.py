@@ -79,6 +79,12 @@ L3_REUSE_BYTES = 16 << 20  # tensors up to this size may stay in L3 between two 
 # faster forward-train, eval and backward than cached stores (e.g. 8x128x64x64 NCHW
 # forward-train 4.3x -> 5.3x torch; channels-last eval of 6x128x64x64 0.40 -> 0.32 ms).
 STREAM_BYTES = 8 << 20
+# NCHW eval (``nchw_eval_*``) has nothing in cache to protect, and streams each run with
+# scalar stores up to its first 64-byte boundary: up to here it stores through the cache.
+# Alternating bench runs, three rounds: 12 MiB outputs faster cached (32x2048x7x7
+# 0.32-0.43 -> 0.26-0.30 ms, 6x128x64x64 0.33-0.39 -> 0.24-0.26); at 16 MiB (8x128x64x64)
+# and for channels-last (its tile loop) no better, left streamed.
+EVAL_STREAM_BYTES = 14 << 20
 # NCHW runs shorter than this (and at least SMALL_B) get a software prefetch of the next
 # sample's runs of the block in the first pass: a sample's part of a block (a few KiB: 2
 # channels of 28x28 are 6 KiB) starts on a new page, where the hardware prefetchers stop
@@ -487,6 +493,12 @@ def prefetch(typingctx, x, lo, n):
 def streaming(y):
     """Whether the kernels write y with non-temporal stores: y over ``STREAM_BYTES``."""
     return y.size * y.itemsize > STREAM_BYTES
+
+
+@njit(cache=True, inline="always")
+def streaming_eval(y):
+    """``streaming`` for NCHW eval: y over ``EVAL_STREAM_BYTES``."""
+    return y.size * y.itemsize > EVAL_STREAM_BYTES
 
 
 # ``dx = dy * k_dy + x * k_x + k_0`` over one run (backward of NCHW long runs), in IR for the
@@ -1126,7 +1138,7 @@ def _nchw_eval_item(j, per_item, x, y, res, C, B, sct, relu):
     runs = y.size // B
     q0 = j * per_item
     c = q0 % C  # then counted up: no division per run
-    nt = streaming(y)
+    nt = streaming_eval(y)
     for q in range(q0, min(runs, (j + 1) * per_item)):
         affine_run(x, y, res, q * B, B, sct[0, c], sct[1, c], relu, nt)
         c += 1
