@@ -838,9 +838,10 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     (``PREFETCH_MAX_B``), which needs no L3: with the L3 slow (the machine's slow state, a
     neighbour holding it, we guess) that L2 blocking was ahead by 10-25%, forward-train of
     32x256x28x28 3.4-4.1x -> 4.7-5.2x torch, backward of 64x128x28x28 2.23-2.31 -> 1.78-1.81
-    ms; with it fast, backward was up to 7% behind.) Results do not depend on the blocking:
-    the tiled kernels of short runs sum per position, then fold per channel; the long-run
-    kernels sum each run of a channel in a fixed order and add the runs in row order."""
+    ms; with it fast, in one process, the L3 blocks were about 7% ahead on backward.)
+    Results do not depend on the blocking: the tiled kernels of short runs sum per position,
+    then fold per channel; the long-run kernels sum each run of a channel in a fixed order
+    and add the runs in row order."""
     per_channel = max(1, A * B * itemsize * streams)
     cb = max(1, L2_BUDGET // per_channel)
     return max(1, min(cb, (C + min_blocks - 1) // min_blocks))
@@ -1243,12 +1244,8 @@ def _nchw_bwd_block(
         sx[2, k] = k_x
         sx[3, k] = k_0
     nt = streaming(dx)
-    # backwards: the runs the sums read last are the likeliest still in L2, so a block bigger
-    # than L2 (one channel of x and dy over L2_BUDGET, as 8x64x112x112's 784 KiB) misses on
-    # what was evicted only, not on everything in turn (in one process, alternating,
-    # 8x64x112x112 backward 1.32 -> 1.24 ms, 8x256x56x56 1.26 -> 1.20, 32x256x28x28 equal)
-    for a in range(A - 1, -1, -1):
-        for k in range(nc - 1, -1, -1):
+    for a in range(A):
+        for k in range(nc):
             base = (a * C + c0 + k) * B
             grad_x_run(dy, x, mask, dx, base, B, sx[1, k], sx[2, k], sx[3, k], training, nt)
     if nt:
