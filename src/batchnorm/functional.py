@@ -13,7 +13,9 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack as _functorch_active
 
 from . import backends
 from ._conventions import (
@@ -83,6 +85,11 @@ def batch_norm(
         return _eager(_batch_norm)(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps, num_batches_tracked, residual, activation,
                                    backend)  # fmt: skip
+    if (_fwad._current_level >= 0 or _functorch_active() is not None) and _transformed(
+        input, running_mean, running_var, weight, bias, residual
+    ):
+        return _composite(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps, num_batches_tracked, residual, activation)  # fmt: skip
     if residual is None and (backend == "auto" or backend == "numba"):
         lane = _lane if _lane is not None else _find_lane(input)
         if lane is not None:
@@ -139,6 +146,94 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         update_stats = getattr(kernel, "update_running_stats", update_running_stats)
         update_stats(running_mean, running_var, mean, var, count, factor)
+    return y
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a torch.func transform is running (vmap, grad, jvp: its wrapped tensors have no
+    storage our kernels could read) or a tensor carries a forward-mode tangent (which the
+    kernels and the autograd.Function would drop)."""
+    if _functorch_active() is not None:
+        return True
+    return any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _plain(t: Tensor) -> Tensor | None:
+    """The plain tensor under a forward-AD dual and functorch wrappers (grad, jvp), or None
+    under a vmap (one value per vmapped example)."""
+    t = _fwad.unpack_dual(t).primal
+    while _wrapped(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return None
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _next(num_batches_tracked: Tensor | None) -> Tensor | None:
+    """num_batches_tracked + 1 (what ``momentum_factor`` reads), leaving the buffer alone."""
+    return None if num_batches_tracked is None else _plain(num_batches_tracked) + 1
+
+
+def _composite(input, running_mean, running_var, weight, bias, training, momentum, eps,
+               num_batches_tracked, residual, activation) -> Tensor:  # fmt: skip
+    """``batch_norm`` from differentiable torch ops only, for forward-mode AD and torch.func
+    transforms: every tangent and batch dimension flows through them as torch's own ops see
+    to. The same validation and formulas (biased variance to normalise, unbiased into
+    ``running_var``), not the kernels' bytes; statistics in float32 at least."""
+    _validate(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked, residual, activation,
+    )  # fmt: skip
+    acc = acc_dtype(input.dtype)
+    x = input.to(acc)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if training:
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    y = (x - mean.view(shape)) * (1.0 / torch.sqrt(var + eps)).view(shape)
+    if weight is not None:
+        y = y * weight.to(acc).view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if activation == "relu":
+        y = torch.relu(y)
+    y = y.to(input.dtype)
+    if not training or running_mean is None:
+        return y
+    # the running buffers, updated in place as torch's batch_norm does under these transforms
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if _wrapped(running_mean) or _wrapped(running_var):  # buffers vmapped along with x
+        with torch.no_grad():
+            m, v = _fwad.unpack_dual(mean).primal, _fwad.unpack_dual(var).primal
+            f = momentum_factor(momentum, _next(num_batches_tracked))
+            running_mean.mul_(1 - f).add_(m.to(running_mean.dtype), alpha=f)
+            v = v * (count / (count - 1))
+            running_var.mul_(1 - f).add_(v.to(running_var.dtype), alpha=f)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        return y
+    m, v = _plain(mean), _plain(var)
+    if m is None:
+        raise RuntimeError(
+            "batch_norm under vmap: the batch statistics differ per vmapped example but "
+            "running_mean/running_var are single tensors updated in place; pass "
+            "running_mean=running_var=None (or training=False), or vmap over the buffers too"
+        )
+    # plain tensors, with functorch's dispatch off (a grad transform refuses to mutate a
+    # captured tensor; torch's own batch_norm updates them): the general path's arithmetic
+    with torch._C._DisableFuncTorch():
+        f = momentum_factor(momentum, _next(num_batches_tracked))
+        update_running_stats(running_mean, running_var, m, v, count, f)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
     return y
 
 
