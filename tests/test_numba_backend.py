@@ -42,7 +42,7 @@ SHAPES = [
 ]
 BIG = [
     ((2, 2, 1024, 1100), False),  # one channel of 9 MB: bigger than L2, several chunks
-    ((74, 64, 30, 30), False),  # x over 16 MiB, runs of 900: L2 blocks, next runs prefetched
+    ((74, 64, 30, 30), False),  # x over 16 MiB, runs of 900: the next sample's runs prefetched
     ((4, 3, 512, 400), True),  # 2.4 M rows of 3 interleaved channels
 ]
 EMPTY = [((0, 4, 3, 3), False), ((0, 4, 3, 3), True), ((0, 6), False)]
@@ -252,7 +252,7 @@ def test_big_channels(case):
 @pytest.mark.parametrize(
     "shape",
     [
-        (74, 64, 30, 30),  # x over 16 MiB, runs of 900: L2 blocks, next runs prefetched
+        (74, 64, 30, 30),  # x over 16 MiB, runs of 900: the next sample's runs prefetched
         (16, 96, 9, 9),  # short runs: the tiled kernels
     ],
 )
@@ -1543,7 +1543,7 @@ def test_prefetch_asks_for_each_line_and_changes_nothing():
     fault."""
     import platform
 
-    from numba import njit
+    from numba import errors, njit
 
     from batchnorm.backends import _numba_kernels as K
 
@@ -1553,7 +1553,20 @@ def test_prefetch_asks_for_each_line_and_changes_nothing():
     fn(x, 0, x.size)
     fn(x, 990, 5000)  # 20 KB past the end
     fn(x, 5, 0)
+    fn(x, 0, -5)  # nothing
     assert x.tobytes() == before.tobytes()
     assert "llvm.prefetch" in "".join(fn.inspect_llvm().values())
+    with pytest.raises(errors.TypingError):  # strides would be ignored: refused
+        fn(np.arange(2000.0, dtype=np.float32)[::2], 0, 10)
+    # the NCHW first passes use it (runs of SMALL_B to PREFETCH_MAX_B values)
+    shape = (3, 4, 20, 20)
+    assert K.SMALL_B <= 400 < K.PREFETCH_MAX_B
+    x3 = make_input(shape).reshape(3, 4, 400)
+    nb.forward_train(x3, None, None, EPS)
+    dy3 = make_input(shape, seed=1).reshape(3, 4, 400)
+    mean, invstd = x3.mean(dim=(0, 2)), torch.ones(4)
+    nb.backward(dy3, x3, mean, invstd, None, True, True)
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "prefetcht0" in "".join(fn.inspect_asm().values())
+        for kernel in (K.nchw_fwd_ser, K.nchw_bwd_ser):
+            assert "prefetcht0" in "".join(kernel.inspect_asm().values())

@@ -21,10 +21,11 @@ Every kernel works on flat NumPy views of the canonical ``(A, C, B)`` layout:
   backwards in the second pass for tensors that may still be in cache.
 * Eval streams the tensor in memory order, NCHW runs through ``affine_run`` (one 64-byte
   vector per step, so short runs such as 7x7 maps stay vectorised).
-* Outputs over ``STREAM_BYTES`` (y, and dx in backward) are written with non-temporal
-  stores (``streaming``; ``affine_run`` / ``affine_tile`` / ``grad_x_run`` / ``grad_x_tile``
-  with ``nt``), fenced once per work item (``store_fence``): no read-for-ownership, and the
-  block being re-read is not evicted by the output. Values are the same either way.
+* Outputs over ``STREAM_BYTES`` (y, and dx in backward; NCHW eval: over
+  ``EVAL_STREAM_BYTES``, ``streaming_eval``) are written with non-temporal stores
+  (``streaming``; ``affine_run`` / ``affine_tile`` / ``grad_x_run`` / ``grad_x_tile`` with
+  ``nt``), fenced once per work item (``store_fence``): no read-for-ownership, and the block
+  being re-read is not evicted by the output. Values are the same either way.
 
 Statistics are two-pass or shifted (sums of x - m and (x - m)^2 about a shift m close to the
 mean: the chunk's or block's own mean, or for channels-last the mean of a block's first rows)
@@ -122,7 +123,7 @@ CL_MIN_ROWS = 64  # rows per channels-last work item at least (C > 512: more tha
 #   sum_grad_masked(dy, x, mask, m) -> the same with dy counted only where not mask <= 0
 #     (mask > 0 or NaN: torch's relu backward, ``threshold_backward``, passes NaN's gradient)
 
-ROWS_BAND = 4  # 64-byte vectors of channels per band of grad_sums_rows4
+ROWS_BAND = 4  # 64-byte vectors of channels per band of grad_sums_rows4 / centred_sums_rows4
 UNROLL = 4  # independent vector accumulators per sum (hides the add latency)
 _VECTOR_BYTES = 64
 
@@ -469,7 +470,8 @@ def _prefetch_codegen(context, builder, sig, args):
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    # named by llvmlite for this LLVM's pointer spelling (``llvm.prefetch.p0i8`` / ``.p0``)
+    fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
     item = context.get_abi_sizeof(context.get_value_type(sig.args[0].dtype))
     start = builder.ptrtoint(builder.gep(arr.data, [lo]), intp)
     stop = builder.add(start, builder.mul(n, ir.Constant(intp, item)))
@@ -484,14 +486,17 @@ def _prefetch_codegen(context, builder, sig, args):
 @intrinsic
 def prefetch(typingctx, x, lo, n):
     """Asks for the cache lines of x[lo : lo + n] ahead of their use (``llvm.prefetch``, read,
-    locality 3: x86 ``prefetcht0``), one instruction per 64-byte line; no effect on any value,
-    and an address past x's end does not fault."""
+    locality 3: x86 ``prefetcht0``), one instruction per 64-byte line from the one holding
+    x[lo]; no effect on any value, and an address past x's end does not fault. x: a 1-d
+    C-contiguous array (strides are not looked at)."""
+    _ir_check(x)
     return types.void(x, types.intp, types.intp), _prefetch_codegen
 
 
 @njit(cache=True, inline="always")
 def streaming(y):
-    """Whether the kernels write y with non-temporal stores: y over ``STREAM_BYTES``."""
+    """Whether the kernels write y (or dx) with non-temporal stores: over ``STREAM_BYTES``
+    (NCHW eval asks ``streaming_eval``)."""
     return y.size * y.itemsize > STREAM_BYTES
 
 
@@ -689,7 +694,8 @@ def _rows_codegen(context, builder, sig, args):
 @intrinsic
 def grad_sums_rows4(typingctx, dy, x, m, s_dy, s_dx, lo, nsteps, C):
     """For rows of C values starting at ``lo`` of dy and x, ``nsteps`` steps of four rows:
-    ``_add_grad_4``'s sums into s_dy and s_dx ((C,), x's dtype), the same bytes. Nothing is
+    ``_add_grad_4``'s sums into s_dy and s_dx ((C,), x's dtype), the same bytes (for NaN-free
+    data: with NaNs, which NaN comes out may differ). Nothing is
     bounds-checked."""
     _ir_check(dy, x, m, s_dy, s_dx)
     sig = types.void(dy, x, m, s_dy, s_dx, types.intp, types.intp, types.intp)
@@ -700,7 +706,8 @@ def grad_sums_rows4(typingctx, dy, x, m, s_dy, s_dx, lo, nsteps, C):
 def centred_sums_rows4(typingctx, x, m, s1, s2, lo, nsteps, C):
     """For rows of C values starting at ``lo`` of x, ``nsteps`` steps of four rows:
     ``_add_centred_4``'s sums of x - m and (x - m)^2 into s1 and s2 ((C,), x's dtype), the
-    same bytes (``grad_sums_rows4``'s loops). Nothing is bounds-checked."""
+    same bytes for NaN-free data (``grad_sums_rows4``'s loops; with NaNs, which NaN comes out
+    may differ). Nothing is bounds-checked."""
     _ir_check(x, m, s1, s2)
     sig = types.void(x, m, s1, s2, types.intp, types.intp, types.intp)
     return sig, _rows_codegen
@@ -837,7 +844,7 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     waiting on memory. The first pass now prefetches the next sample's part instead
     (``PREFETCH_MAX_B``), which needs no L3: with the L3 slow (the machine's slow state, a
     neighbour holding it, we guess) that L2 blocking was ahead by 10-25%, forward-train of
-    32x256x28x28 3.4-4.1x -> 4.7-5.2x torch, backward of 64x128x28x28 2.23-2.31 -> 1.78-1.81
+    32x256x28x28 3.4-4.1x -> 4.7-5.2x torch, backward of 64x128x28x28 2.23-2.38 -> 1.78-1.81
     ms; with it fast, in one process, the L3 blocks were about 7% ahead on backward.)
     Results do not depend on the blocking: the tiled kernels of short runs sum per position,
     then fold per channel; the long-run kernels sum each run of a channel in a fixed order
@@ -1201,7 +1208,8 @@ def _nchw_bwd_block(
     sums, do_dx, training, zero, sx, sd,
 ):  # fmt: skip
     """sum_dy, sum_dy_xhat and/or dx of channels [c0, c1), rows in memory order: the sums
-    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it).
+    stream dy and x from memory, dx re-reads them from L2 (the block of x and dy fits it; a
+    single channel over L2_BUDGET / 2, as 8x64x112x112's, partly from L3 or memory).
     Scratch: sx (4, >= c1 - c0) in x's dtype, sd (2, >= c1 - c0) float64."""
     nc = c1 - c0
     for k in range(nc):
