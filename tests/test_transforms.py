@@ -176,3 +176,17 @@ def test_module_under_jvp_updates_its_buffers():
     _close(m.running_mean, rm, torch.float32)
     _close(m.running_var, rv, torch.float32)
     assert m.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=str)
+def test_forward_ad_empty_batch_moves_only_the_counter(shape):
+    """As on the kernels' path: no values, no statistics; the buffers stay, the counter
+    counts the call (and no warning from an empty reduction)."""
+    x = torch.randn(shape)
+    _, _, rm, rv = _params(3, torch.float32)
+    rm0, rv0, n = rm.clone(), rv.clone(), torch.tensor(2)
+    with fwAD.dual_level():
+        y = BF.batch_norm(fwAD.make_dual(x, torch.ones_like(x)), rm, rv, None, None, True,
+                          num_batches_tracked=n)  # fmt: skip
+    assert y.shape == shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and n.item() == 3

@@ -192,8 +192,10 @@ def _composite(input, running_mean, running_var, weight, bias, training, momentu
     x = input.to(acc)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    if training:
+    if training and x.numel() > 0:
         var, mean = torch.var_mean(x, dim=dims, correction=0)
+    elif training:  # an empty batch: statistics as of var = 0, as the kernels have them
+        mean = var = x.new_zeros(x.shape[1])
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     y = (x - mean.view(shape)) * (1.0 / torch.sqrt(var + eps)).view(shape)
@@ -214,9 +216,10 @@ def _composite(input, running_mean, running_var, weight, bias, training, momentu
         with torch.no_grad():
             m, v = _fwad.unpack_dual(mean).primal, _fwad.unpack_dual(var).primal
             f = momentum_factor(momentum, _next(num_batches_tracked))
-            running_mean.mul_(1 - f).add_(m.to(running_mean.dtype), alpha=f)
-            v = v * (count / (count - 1))
-            running_var.mul_(1 - f).add_(v.to(running_var.dtype), alpha=f)
+            if count > 0:  # an empty batch carries no statistics
+                running_mean.mul_(1 - f).add_(m.to(running_mean.dtype), alpha=f)
+                v = v * (count / (count - 1))
+                running_var.mul_(1 - f).add_(v.to(running_var.dtype), alpha=f)
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         return y
