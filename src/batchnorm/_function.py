@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ._conventions import acc_dtype, invstd_from_var
+from ._conventions import acc_dtype
 from ._layout import Layout, canonical, like_canonical
 
 
@@ -142,6 +142,17 @@ class BatchNormFunction(torch.autograd.Function):
         return (dx, dweight, dbias, dres, *nones)
 
 
+def differentiable_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean, biased var)`` per channel in the accumulation dtype, differentiable; zeros
+    for an empty batch (the statistics the kernels take then)."""
+    xa = x.to(acc_dtype(x.dtype))
+    if xa.numel() == 0:
+        zeros = xa.new_zeros(x.shape[1])
+        return zeros, zeros
+    var, mean = torch.var_mean(xa, dim=(0, *range(2, x.dim())), correction=0)
+    return mean, var
+
+
 def differentiable_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -153,17 +164,18 @@ def differentiable_forward(
     invstd: Tensor | None,
     relu: bool,
 ) -> Tensor:
-    """Batch norm in plain differentiable torch ops, in the accumulation dtype.
+    """Batch norm in plain differentiable torch ops, in the accumulation dtype (returned in
+    x's), with the batch's statistics (``training``) or the given ``mean`` and ``invstd``.
 
-    Used for double backward only; the conventions are the same as every backend's.
+    For double backward, and for forward-mode AD and torch.func transforms (``functional``);
+    the conventions are the same as every backend's.
     """
     acc = acc_dtype(x.dtype)
-    dims = (0, *range(2, x.dim()))
     shape = (1, -1) + (1,) * (x.dim() - 2)
     xa = x.to(acc)
     if training:
-        var, mean = torch.var_mean(xa, dim=dims, correction=0)
-        invstd = invstd_from_var(var, eps)
+        mean, var = differentiable_stats(x)
+        invstd = 1.0 / torch.sqrt(var + eps)  # ``invstd_from_var``'s ops, kept in the graph
     y = (xa - mean.view(shape)) * invstd.view(shape)
     if weight is not None:
         y = y * weight.to(acc).view(shape)

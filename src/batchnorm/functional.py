@@ -27,7 +27,7 @@ from ._conventions import (
     update_running_stats,
     verify_batch_size,
 )
-from ._function import BatchNormFunction, run_forward
+from ._function import BatchNormFunction, differentiable_forward, differentiable_stats, run_forward
 
 __all__ = ["batch_norm", "ACTIVATIONS"]
 
@@ -189,25 +189,13 @@ def _composite(input, running_mean, running_var, weight, bias, training, momentu
         num_batches_tracked, residual, activation,
     )  # fmt: skip
     acc = acc_dtype(input.dtype)
-    x = input.to(acc)
-    dims = [0, *range(2, x.dim())]
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    if training and x.numel() > 0:
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-    elif training:  # an empty batch: statistics as of var = 0, as the kernels have them
-        mean = var = x.new_zeros(x.shape[1])
+    if training:
+        mean, var = differentiable_stats(input)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
-    y = (x - mean.view(shape)) * (1.0 / torch.sqrt(var + eps)).view(shape)
-    if weight is not None:
-        y = y * weight.to(acc).view(shape)
-    if bias is not None:
-        y = y + bias.to(acc).view(shape)
-    if residual is not None:
-        y = y + residual.to(acc)
-    if activation == "relu":
-        y = torch.relu(y)
-    y = y.to(input.dtype)
+    invstd = 1.0 / torch.sqrt(var + eps)
+    y = differentiable_forward(input, weight, bias, residual, False, eps, mean, invstd,
+                               activation == "relu")  # fmt: skip
     if not training or running_mean is None:
         return y
     # the running buffers, updated in place as torch's batch_norm does under these transforms
