@@ -845,7 +845,8 @@ def channels_per_block(A, C, B, itemsize, streams, min_blocks):
     (``PREFETCH_MAX_B``), which needs no L3: with the L3 slow (the machine's slow state, a
     neighbour holding it, we guess) that L2 blocking was ahead by 10-25%, forward-train of
     32x256x28x28 3.4-4.1x -> 4.7-5.2x torch, backward of 64x128x28x28 2.23-2.38 -> 1.78-1.81
-    ms; with it fast, in one process, the L3 blocks were about 7% ahead on backward.)
+    ms; with it fast, backward was mixed: 64x128x28x28 1.48 -> 1.16-1.25 ms, 16x512x28x28
+    1.25-1.27 -> 1.43-1.56, where the L3 blocks stay 15% ahead.)
     Results do not depend on the blocking: the tiled kernels of short runs sum per position,
     then fold per channel; the long-run kernels sum each run of a channel in a fixed order
     and add the runs in row order."""
