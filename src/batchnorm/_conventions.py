@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor as _functorch_wrapped
 from torch.autograd.graph import increment_version
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,10 +39,13 @@ def invstd_from_var(var: Tensor, eps: float) -> Tensor:
 
 
 def _numpy_ok(*tensors: Tensor) -> bool:
-    """True when every tensor can be viewed as a NumPy array without a copy or a graph."""
+    """True when every tensor can be viewed as a NumPy array without a copy or a graph (a
+    torch.func wrapper, e.g. vmapped running buffers, has no storage to view)."""
     return all(
-        t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad for t in tensors
-    )
+        t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
+        and not _functorch_wrapped(t)
+        for t in tensors
+    )  # fmt: skip
 
 
 def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:

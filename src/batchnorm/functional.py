@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
@@ -85,9 +87,9 @@ def batch_norm(
         return _eager(_batch_norm)(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps, num_batches_tracked, residual, activation,
                                    backend)  # fmt: skip
-    if (_fwad._current_level >= 0 or _functorch_active() is not None) and _transformed(
+    if _functorch_active() is not None or (_fwad._current_level >= 0 and _any_tangent(
         input, running_mean, running_var, weight, bias, residual
-    ):
+    )):  # fmt: skip
         return _composite(input, running_mean, running_var, weight, bias, training, momentum,
                           eps, num_batches_tracked, residual, activation)  # fmt: skip
     if residual is None and (backend == "auto" or backend == "numba"):
@@ -149,12 +151,11 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     return y
 
 
-def _transformed(*tensors) -> bool:
-    """Whether a torch.func transform is running (vmap, grad, jvp: its wrapped tensors have no
-    storage our kernels could read) or a tensor carries a forward-mode tangent (which the
-    kernels and the autograd.Function would drop)."""
-    if _functorch_active() is not None:
-        return True
+def _any_tangent(*tensors) -> bool:
+    """Whether a tensor carries a forward-mode tangent, which the kernels and the
+    autograd.Function would drop. (``batch_norm`` sends these calls, and those under a running
+    torch.func transform, whose wrapped tensors have no storage the kernels could read, to
+    ``_composite``.)"""
     return any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
@@ -200,27 +201,22 @@ def _composite(input, running_mean, running_var, weight, bias, training, momentu
         return y
     # the running buffers, updated in place as torch's batch_norm does under these transforms
     count = input.numel() // input.shape[1] if input.shape[1] else 0
-    if _wrapped(running_mean) or _wrapped(running_var):  # buffers vmapped along with x
-        with torch.no_grad():
-            m, v = _fwad.unpack_dual(mean).primal, _fwad.unpack_dual(var).primal
-            f = momentum_factor(momentum, _next(num_batches_tracked))
-            if count > 0:  # an empty batch carries no statistics
-                running_mean.mul_(1 - f).add_(m.to(running_mean.dtype), alpha=f)
-                v = v * (count / (count - 1))
-                running_var.mul_(1 - f).add_(v.to(running_var.dtype), alpha=f)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        return y
-    m, v = _plain(mean), _plain(var)
-    if m is None:
-        raise RuntimeError(
-            "batch_norm under vmap: the batch statistics differ per vmapped example but "
-            "running_mean/running_var are single tensors updated in place; pass "
-            "running_mean=running_var=None (or training=False), or vmap over the buffers too"
-        )
-    # plain tensors, with functorch's dispatch off (a grad transform refuses to mutate a
-    # captured tensor; torch's own batch_norm updates them): the general path's arithmetic
-    with torch._C._DisableFuncTorch():
+    if _wrapped(running_mean) or _wrapped(running_var):
+        # buffers vmapped along with x: updated per example, inside the transform
+        m, v = _fwad.unpack_dual(mean).primal, _fwad.unpack_dual(var).primal
+        scope = contextlib.nullcontext()
+    else:
+        m, v = _plain(mean), _plain(var)
+        if m is None:
+            raise RuntimeError(
+                "batch_norm under vmap: the batch statistics differ per vmapped example but "
+                "running_mean/running_var are single tensors updated in place; pass "
+                "running_mean=running_var=None (or training=False), or vmap over the buffers too"
+            )
+        # plain tensors, with functorch's dispatch off (a grad transform refuses to mutate a
+        # captured tensor; torch's own batch_norm updates them)
+        scope = torch._C._DisableFuncTorch()
+    with scope:  # the general path's arithmetic
         f = momentum_factor(momentum, _next(num_batches_tracked))
         update_running_stats(running_mean, running_var, m, v, count, f)
         if num_batches_tracked is not None:
