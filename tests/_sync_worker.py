@@ -16,6 +16,7 @@ import time
 import traceback
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -189,6 +190,18 @@ def _error_cases(rank: int, world: int) -> dict:
         dx.sum().backward()
 
     out["double_backward"] = _expect_error(double_backward)
+
+    # a forward-mode tangent on rank 0 only, then vmap on every rank: refused everywhere
+    bn = SyncBatchNorm(C, dtype=torch.float64)
+    x = torch.randn(4, C, 2, dtype=torch.float64)
+
+    def forward_ad():
+        with fwad.dual_level():
+            bn(fwad.make_dual(x, torch.ones_like(x)) if rank == 0 else x)
+
+    out["forward_ad"] = _expect_error(forward_ad)
+    out["vmap"] = _expect_error(lambda: torch.func.vmap(bn)(x.unsqueeze(0).expand(2, -1, -1, -1)))
+    out["transforms_nbt"] = bn.num_batches_tracked.clone()
 
     # after all that, the group is still in step: a normal step works
     case = _case((2,) * world, "4d", 0.1, "torch")

@@ -224,6 +224,22 @@ def test_double_backward_raises_on_every_rank(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_forward_ad_and_torch_func_are_refused_on_every_rank(world):
+    """A tangent on rank 0 alone: rank 0 says why, the others name rank 0; vmap everywhere."""
+    for rank, r in enumerate(group_results(world)):
+        err = r["errors"]["forward_ad"]
+        if rank == 0:
+            assert err["type"] == "NotImplementedError", err
+            assert "reverse-mode autograd only" in err["message"]
+        else:
+            assert err["type"] == "ValueError", err
+            assert "invalid input on another rank (rank 0: 3 channels" in err["message"]
+        err = r["errors"]["vmap"]
+        assert err["type"] == "NotImplementedError" and "torch.func" in err["message"], err
+        assert int(r["errors"]["transforms_nbt"]) == 0
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_the_group_stays_in_step_after_the_errors(world):
     results = group_results(world)
     case = W._case((2,) * world, "4d", 0.1, "torch")

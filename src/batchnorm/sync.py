@@ -35,6 +35,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -50,7 +51,7 @@ from ._conventions import (
     verify_batch_size,
 )
 from ._layout import Layout, canonical, like_canonical
-from .functional import _validate
+from .functional import _any_tangent, _functorch_active, _validate
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _OurBatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -258,6 +259,15 @@ class SyncBatchNorm(_OurBatchNorm):
         every rank raises instead of waiting.
         """
         try:
+            if _functorch_active() is not None or (
+                _fwad._current_level >= 0 and _any_tangent(input, self.weight, self.bias)
+            ):
+                raise NotImplementedError(
+                    "SyncBatchNorm over more than one process supports reverse-mode autograd "
+                    "only: a forward-mode AD tangent or a torch.func transform (vmap, grad, "
+                    "jvp, ...) reached it (torch's SyncBatchNorm has neither); run the "
+                    "transform on a model without SyncBatchNorm, or outside the process group"
+                )
             self._check_input_dim(input)
             track = self.track_running_stats
             nbt = self.num_batches_tracked if track else None
@@ -274,7 +284,7 @@ class SyncBatchNorm(_OurBatchNorm):
                 if str(err) != local_message:
                     raise
             backends.select(self.backend, input)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, NotImplementedError) as err:
             return err
         return None
 
