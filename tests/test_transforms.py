@@ -190,3 +190,65 @@ def test_forward_ad_empty_batch_moves_only_the_counter(shape):
                           num_batches_tracked=n)  # fmt: skip
     assert y.shape == shape
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and n.item() == 3
+
+
+def _renorm(backend="auto"):
+    """A BatchRenorm2d whose limits bind (r clipped, d not), buffers away from the batch's."""
+    m = batchnorm.BatchRenorm2d(3, r_max=1.5, d_max=5.0, backend=backend)
+    w, b, rm, rv = _params(3, torch.float32)
+    with torch.no_grad():
+        m.weight.copy_(w), m.bias.copy_(b), m.running_mean.copy_(rm), m.running_var.copy_(rv * 16)
+    return m
+
+
+def _renorm_reference(m, x):
+    """y, its jvp along t via torch's batch_norm with the constants w r, w d + b, and the
+    buffers after the step (from the plain call on a copy of the module)."""
+    ref = batchnorm.BatchRenorm2d(3, r_max=1.5, d_max=5.0)
+    ref.load_state_dict(m.state_dict())
+    r, d = ref._r_d(x, 1.5, 5.0)
+    y = ref(x)
+    return y, r, d, ref
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba", "torch"])
+def test_batch_renorm_under_jvp_and_grad(backend):
+    """r and d are constants (the paper's stop-gradient): the tangent is batch norm's with
+    weight w r and bias w d + b; grad matches reverse mode on plain tensors; buffers move."""
+    x = make_input((4, 3, 5, 5), torch.float32)
+    t = make_input((4, 3, 5, 5), torch.float32, seed=1, offset=0.0)
+    m = _renorm(backend)
+    want_y, r, d, ref = _renorm_reference(m, x)
+    assert (r == 1.5).any() or (r == 1 / 1.5).any(), "the test wants r clipped somewhere"
+    y, ty = jvp(m, (x,), (t,))
+    w, b = m.weight.detach(), m.bias.detach()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    _, t_want = jvp(lambda z: F.batch_norm(z, rm, rv, w * r, w * d + b, True), (x,), (t,))
+    _close(y, want_y, torch.float32)
+    _close(ty, t_want, torch.float32)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(m, name), getattr(ref, name))
+
+    m = _renorm(backend)
+    g = grad(lambda z: (m(z) * t).sum())(x)
+    xr = x.clone().requires_grad_(True)
+    (_renorm(backend)(xr) * t).sum().backward()
+    _close(g, xr.grad, torch.float32)
+    assert m.num_batches_tracked.item() == 1
+
+
+def test_batch_renorm_under_vmap_with_vmapped_buffers():
+    """Each vmapped example renormalises towards its own buffers, as a loop over modules."""
+    xs = torch.stack([make_input((4, 3, 5, 5), torch.float32, seed=s) for s in range(3)])
+    m = _renorm()
+    bufs = {k: v.expand(3, *v.shape).clone() for k, v in m.named_buffers()
+            if k != "num_batches_tracked"}  # fmt: skip
+    bufs["running_mean"] += torch.arange(3.0)[:, None]
+    ys = vmap(lambda b, z: torch.func.functional_call(m, b, (z,)))(bufs, xs)
+    for k in range(3):
+        one = _renorm()
+        with torch.no_grad():
+            one.running_mean += k
+        _close(ys[k], one(xs[k]), torch.float32)
+        _close(bufs["running_mean"][k], one.running_mean, torch.float32)
+        _close(bufs["running_var"][k], one.running_var, torch.float32)

@@ -40,6 +40,7 @@ import importlib
 import warnings
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "numba")
@@ -83,7 +84,12 @@ def numba_available() -> bool:
 
 
 def select(backend: str, x: Tensor) -> ModuleType:
-    """The backend module to run for input ``x``."""
+    """The backend module to run for input ``x``: the torch backend, whatever ``backend``
+    says, for a tensor wrapped by a running torch.func transform (vmap, grad, jvp), which
+    has no storage the kernels could read."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        check_name(backend)
+        return load("torch")
     if backend == "auto":
         if x.is_cpu and numba_available():
             numba_cpu = _loaded["numba"]
