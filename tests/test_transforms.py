@@ -252,3 +252,24 @@ def test_batch_renorm_under_vmap_with_vmapped_buffers():
         _close(ys[k], one(xs[k]), torch.float32)
         _close(bufs["running_mean"][k], one.running_mean, torch.float32)
         _close(bufs["running_var"][k], one.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_around_vmap_and_jvp(training):
+    """torch.compile runs our batch norm eagerly; the transforms' check still applies there
+    (the compiled branch once skipped it: an autograd.Function under vmap, a wrapped tensor
+    in the kernels). The "eager" backend: dynamo's tracing alone, no code generation."""
+    x = make_input((2, 4, 3, 5, 5), torch.float32)
+    t = make_input((4, 3, 5, 5), torch.float32, seed=1, offset=0.0)
+    ours, theirs = batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for m in (ours, theirs):
+        m.train(training)
+        m.track_running_stats = not training  # vmap in training wants no shared buffers
+    torch._dynamo.reset()
+    got = torch.compile(vmap(ours), backend="eager")(x)
+    _close(got, vmap(theirs)(x), torch.float32)
+    torch._dynamo.reset()
+    y, ty = torch.compile(lambda z, u: jvp(ours, (z,), (u,)), backend="eager")(x[0], t)
+    y_want, ty_want = jvp(theirs, (x[0],), (t,))
+    _close(y, y_want, torch.float32)
+    _close(ty, ty_want, torch.float32)

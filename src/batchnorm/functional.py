@@ -83,10 +83,11 @@ def batch_norm(
     Under ``torch.compile`` this runs eagerly, between compiled graphs (dynamo traces Python,
     not numba kernels).
     """
-    if _is_compiling():
-        return _eager(_batch_norm)(input, running_mean, running_var, weight, bias, training,
-                                   momentum, eps, num_batches_tracked, residual, activation,
-                                   backend)  # fmt: skip
+    if _is_compiling():  # this same function, run eagerly (where it is not compiling)
+        return _eager(batch_norm)(input, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, num_batches_tracked=num_batches_tracked,
+                                  residual=residual, activation=activation,
+                                  backend=backend)  # fmt: skip
     if _functorch_active() is not None or (_fwad._current_level >= 0 and _any_tangent(
         input, running_mean, running_var, weight, bias, residual
     )):  # fmt: skip
