@@ -83,14 +83,11 @@ def batch_norm(
     Under ``torch.compile`` this runs eagerly, between compiled graphs (dynamo traces Python,
     not numba kernels).
     """
-    if _is_compiling():  # this same function, run eagerly (where it is not compiling)
-        return _eager(batch_norm)(input, running_mean, running_var, weight, bias, training,
-                                  momentum, eps, num_batches_tracked=num_batches_tracked,
-                                  residual=residual, activation=activation,
-                                  backend=backend)  # fmt: skip
-    if _functorch_active() is not None or (_fwad._current_level >= 0 and _any_tangent(
-        input, running_mean, running_var, weight, bias, residual
-    )):  # fmt: skip
+    if _is_compiling():
+        return _eager(_compiled)(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, num_batches_tracked, residual, activation,
+                                 backend)  # fmt: skip
+    if _transformed(input, running_mean, running_var, weight, bias, residual):
         return _composite(input, running_mean, running_var, weight, bias, training, momentum,
                           eps, num_batches_tracked, residual, activation)  # fmt: skip
     if residual is None and (backend == "auto" or backend == "numba"):
@@ -102,6 +99,18 @@ def batch_norm(
                 return y
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked, residual, activation, backend)  # fmt: skip
+
+
+def _compiled(input, running_mean, running_var, weight, bias, training, momentum, eps,
+              num_batches_tracked, residual, activation, backend) -> Tensor:  # fmt: skip
+    """``batch_norm`` where torch.compile (or export) traced it, run eagerly: the transforms'
+    check, then the general path. (Not ``batch_norm`` itself: under non-strict export,
+    ``_is_compiling`` stays true there, and it would hand itself to itself.)"""
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked, residual, activation)  # fmt: skip
+    if _transformed(input, running_mean, running_var, weight, bias, residual):
+        return _composite(*args)
+    return _batch_norm(*args, backend)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -150,6 +159,12 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         update_stats = getattr(kernel, "update_running_stats", update_running_stats)
         update_stats(running_mean, running_var, mean, var, count, factor)
     return y
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a torch.func transform runs or one of ``tensors`` carries a forward-mode
+    tangent: calls the kernels cannot take (no storage to read, no jvp)."""
+    return _functorch_active() is not None or (_fwad._current_level >= 0 and _any_tangent(*tensors))
 
 
 def _any_tangent(*tensors) -> bool:

@@ -35,7 +35,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import torch.autograd.forward_ad as _fwad
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -51,7 +50,7 @@ from ._conventions import (
     verify_batch_size,
 )
 from ._layout import Layout, canonical, like_canonical
-from .functional import _any_tangent, _functorch_active, _validate
+from .functional import _transformed, _validate
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _OurBatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -259,9 +258,7 @@ class SyncBatchNorm(_OurBatchNorm):
         every rank raises instead of waiting.
         """
         try:
-            if _functorch_active() is not None or (
-                _fwad._current_level >= 0 and _any_tangent(input, self.weight, self.bias)
-            ):
+            if _transformed(input, self.weight, self.bias):
                 raise NotImplementedError(
                     "SyncBatchNorm over more than one process supports reverse-mode autograd "
                     "only: a forward-mode AD tangent or a torch.func transform (vmap, grad, "
