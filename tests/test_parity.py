@@ -119,36 +119,79 @@ def test_parity_options(shape, options, momentum, dtype, backend):
     run_and_compare(ref, ours, shape, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _formats(t):
+    """Which memory formats t is contiguous in (empty tensors can be in several)."""
+    fmts = {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(t.dim(), [])
+    return [t.is_contiguous(memory_format=f) for f in (torch.contiguous_format, *fmts)]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (0, 2, 2, 2, 2)], ids=str)
-def test_empty_batch(shape, dtype, backend):
-    """N == 0: an empty output, statistics untouched, num_batches_tracked bumped as torch."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((0, 3), False), ((0, 3, 4, 4), False), ((0, 3, 4, 4), True), ((2, 3, 0, 4), True),
+     ((0, 2, 2, 2, 2), False), ((0, 2, 2, 2, 2), True), ((0, 3, 5), False)],
+    ids=str,
+)  # fmt: skip
+def test_empty_batch(shape, channels_last, training, dtype, backend):
+    """No values per channel: an empty output in the input's memory format (an empty
+    channels-last tensor is contiguous too, and came back NCHW), statistics untouched,
+    num_batches_tracked bumped in training as torch's, zero weight and bias gradients."""
     ref, ours = module_pair(shape[1], len(shape), dtype, backend)
     with torch.no_grad():
         for m in (ref, ours):
             m.running_mean.fill_(0.25)
             m.running_var.fill_(2.0)
-    x = make_input(shape, dtype).requires_grad_()
+            m.train(training)
+    x = make_input(shape, dtype, channels_last=channels_last).requires_grad_()
     yr, yo = ref(x), ours(x)
-    assert yo.shape == yr.shape == x.shape
+    assert yo.shape == yr.shape == x.shape and yo.dtype == yr.dtype
+    assert _formats(yo) == _formats(x)
+    if x.dim() == 4:  # (torch's 5-D output loses channels_last_3d when a spatial size is 0)
+        assert _formats(yo) == _formats(yr)
     assert torch.equal(ours.running_mean, ref.running_mean)
     assert torch.equal(ours.running_var, ref.running_var)
-    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == int(training)
     yo.sum().backward()
+    assert x.grad.shape == x.shape and _formats(x.grad) == _formats(x)
     assert torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
     assert torch.equal(ours.bias.grad, torch.zeros_like(ours.bias))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend):
-    """A transposed view (neither contiguous nor channels_last) gives torch's numbers."""
-    base = make_input((4, 6, 5, 3))
-    x = base.transpose(2, 3)  # (4, 6, 3, 5), odd strides
-    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    ref, ours = module_pair(6, 4, backend=backend)
-    assert_close(ours(x), ref(x), torch.float32, "output")
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+@pytest.mark.parametrize(
+    "view",
+    ["transpose", "spatial_slice", "channel_slice", "expand", "permute_nc"],
+)
+def test_non_contiguous_input(view, backend):
+    """Views that are neither contiguous nor channels_last: torch's output, buffers and
+    gradients (into the base tensor, through the view)."""
+    views = {
+        "transpose": ((4, 6, 5, 3), lambda b: b.transpose(2, 3)),
+        "spatial_slice": ((4, 6, 7, 9), lambda b: b[:, :, 1::2, ::3]),
+        "channel_slice": ((4, 13, 5, 5), lambda b: b[:, 1:13:2]),
+        "expand": ((1, 6, 5, 5), lambda b: b.expand(3, 6, 5, 5)),
+        "permute_nc": ((6, 4, 5, 5), lambda b: b.permute(1, 0, 2, 3)),
+    }
+    base_shape, make_view = views[view]
+    base = make_input(base_shape)
+    xr_base, xo_base = base.clone().requires_grad_(), base.clone().requires_grad_()
+    xr, xo = make_view(xr_base), make_view(xo_base)
+    assert not xo.is_contiguous() and not xo.is_contiguous(memory_format=torch.channels_last)
+    ref, ours = module_pair(xo.shape[1], 4, backend=backend)
+    yr, yo = ref(xr), ours(xo)
+    assert_close(yo, yr, torch.float32, "output")
+    assert_close(ours.running_mean, ref.running_mean, torch.float32, "running_mean")
     assert_close(ours.running_var, ref.running_var, torch.float32, "running_var")
+    g = make_input(tuple(xo.shape), seed=5)
+    yr.backward(g)
+    yo.backward(g)
+    n = xo.numel() // xo.shape[1]
+    scale = grad_input_scale(xr.detach(), g, ref.weight)
+    assert_close(xo_base.grad, xr_base.grad, torch.float32, "grad_input", n, scale)
+    assert_close(ours.weight.grad, ref.weight.grad, torch.float32, "grad_weight", n)
+    assert_close(ours.bias.grad, ref.bias.grad, torch.float32, "grad_bias", n)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 
+_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 @dataclass(frozen=True)
 class Layout:
     shape: torch.Size  # the user's (N, C, *spatial)
@@ -39,6 +42,10 @@ class Layout:
     def from_canonical(self, t3: Tensor) -> Tensor:
         """(A, C, B) contiguous -> a tensor of ``self.shape`` in this layout's memory format."""
         if self.channels_last:
+            if t3.numel() == 0 and len(self.shape) in _FORMAT:  # the strides torch gives it
+                fmt = _FORMAT[len(self.shape)]
+                return torch.empty(self.shape, dtype=t3.dtype, device=t3.device,
+                                   memory_format=fmt)  # fmt: skip
             spatial = tuple(self.shape[2:])
             nhwc = t3.reshape(self.shape[0], *spatial, self.shape[1])
             k = len(spatial)
@@ -48,7 +55,7 @@ class Layout:
 
 def canonical(x: Tensor) -> tuple[Tensor, Layout]:
     """``(x3, layout)``: x as a contiguous (A, C, B) tensor and how to map results back."""
-    if x.dim() == 2 or x.is_contiguous():
+    if x.dim() == 2 or (x.is_contiguous() and not (x.numel() == 0 and _channels_last_empty(x))):
         layout = Layout(x.shape, channels_last=x.dim() == 2)
         return layout.to_canonical(x.contiguous()), layout
     perm = (0, *range(2, x.dim()), 1)
@@ -58,6 +65,15 @@ def canonical(x: Tensor) -> tuple[Tensor, Layout]:
     # any other strides: one copy to NCHW-contiguous
     layout = Layout(x.shape, channels_last=False)
     return layout.to_canonical(x.contiguous()), layout
+
+
+def _channels_last_empty(x: Tensor) -> bool:
+    """For an empty x (contiguous in every memory format): whether its strides are the
+    channels-last ones (torch's empty_like keeps them, so the output must too)."""
+    if x.dim() not in (4, 5):
+        return False
+    strides = torch.empty(x.shape, memory_format=_FORMAT[x.dim()]).stride()
+    return x.stride() == strides and strides != torch.empty(x.shape).stride()
 
 
 def like_canonical(t: Tensor, layout: Layout) -> Tensor:
