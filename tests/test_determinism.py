@@ -46,12 +46,14 @@ cases = [
     ((67, 40, 7, 7), False, torch.float32),  # short runs, N prime > FLUSH_ROWS: 4-sample steps
     ((2, 1031, 5, 7), True, torch.float32),  # channels-last, C > 512
     ((74, 64, 30, 30), False, torch.float32),  # over 16 MiB, runs of 900: next runs prefetched
+    ((6, 40, 13, 17), False, torch.float16),
+    ((5, 24, 31, 37), "transposed", torch.float32),  # a view, copied to NCHW first
 ]
 for shape, cl, dtype in cases:
     g = torch.Generator().manual_seed(0)
     pd = torch.float64 if dtype == torch.float64 else torch.float32
     x = (torch.randn(shape, generator=g, dtype=pd) * 3 + 1).to(dtype)
-    if cl:
+    if cl is True:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else
                          torch.channels_last_3d)
     C = shape[1]
@@ -59,6 +61,8 @@ for shape, cl, dtype in cases:
     b = torch.randn(C, generator=g, dtype=pd).requires_grad_(True)
     res = torch.randn(shape, generator=g, dtype=pd).to(dtype)
     dy = torch.randn(shape, generator=g, dtype=pd).to(dtype)
+    if cl == "transposed":
+        x, res, dy = x.transpose(2, 3), res.transpose(2, 3), dy.transpose(2, 3)
     rm, rv = torch.zeros(C, dtype=pd), torch.ones(C, dtype=pd)
     outs = []
     for activation, residual in ((None, None), ("relu", res)):
