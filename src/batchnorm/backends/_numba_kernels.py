@@ -638,19 +638,24 @@ def _rows_body(fn, sty, intp, centred):
             acc.append((a_dy, a_dx))
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nsteps, one, intp) as (t, _):
             base = builder.mul(builder.mul(t, ir.Constant(intp, 4)), C)
+            # loads in memory order (row by row), then the arithmetic lane by lane
+            lv = {}
+            for j in range(4):
+                row = builder.add(base, builder.mul(ir.Constant(intp, j), C))
+                for q in range(lanes):
+                    at = builder.add(row, at_k[q])
+                    lv[j, q] = (load(pdy, at), None if centred else load(px, at))
             for q in range(lanes):
                 g, d = [], []
                 for j in range(4):
-                    at = builder.add(builder.add(base, builder.mul(ir.Constant(intp, j), C)),
-                                     at_k[q])  # fmt: skip
                     if centred:  # g: x - m; d: its square
-                        gj = builder.fsub(load(pdy, at), m[q])
+                        gj = builder.fsub(lv[j, q][0], m[q])
                         g.append(gj)
                         d.append(builder.fmul(gj, gj))
                         continue
-                    gj = load(pdy, at)
+                    gj = lv[j, q][0]
                     g.append(gj)
-                    d.append(builder.fmul(gj, builder.fsub(load(px, at), m[q])))
+                    d.append(builder.fmul(gj, builder.fsub(lv[j, q][1], m[q])))
                 t_dy = builder.fadd(builder.fadd(g[0], g[1]), builder.fadd(g[2], g[3]))
                 t_dx = builder.fadd(builder.fadd(d[0], d[1]), builder.fadd(d[2], d[3]))
                 a_dy, a_dx = acc[q]
