@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import batchnorm
 from conftest import (
     BACKENDS,
     assert_close,
@@ -157,6 +158,20 @@ def test_empty_batch(shape, channels_last, training, dtype, backend):
     assert x.grad.shape == x.shape and _formats(x.grad) == _formats(x)
     assert torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
     assert torch.equal(ours.bias.grad, torch.zeros_like(ours.bias))
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+def test_empty_channels_last_edge_cases(backend):
+    """An empty channels-last view (strides not those torch.empty would give) keeps its
+    format, as torch's output does; zero channels in channels-last with a residual work."""
+    base = make_input((2, 3, 5, 4), channels_last=True)
+    v = base[:, :, :0]
+    ref, ours = module_pair(3, 4, backend=backend)
+    assert _formats(ours(v)) == _formats(ref(v)) == [True, True]
+    x0 = torch.randn(2, 0, 4, 4).contiguous(memory_format=torch.channels_last)
+    m = batchnorm.BatchNorm2d(0, backend=backend)
+    y = m(x0, torch.randn(2, 0, 4, 4))
+    assert y.shape == x0.shape
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "auto"])

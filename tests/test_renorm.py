@@ -346,3 +346,37 @@ def test_empty_batch():
     assert y.shape == (0, 3, 2, 2)
     assert torch.equal(bn.running_mean, torch.zeros(3))
     assert torch.equal(bn.running_var, torch.ones(3))
+
+
+COMPILED = r"""
+import json, torch, batchnorm
+torch.manual_seed(0)
+x = torch.randn(6, 3, 5, 5) * 2 + 1
+m, ref = (batchnorm.BatchRenorm2d(3, r_max=1.5, d_max=0.5) for _ in range(2))
+for mod in (m, ref):
+    with torch.no_grad():
+        mod.running_var.fill_(9.0)  # so that r is clipped
+compiled = torch.compile(m, backend="eager")
+out = {"y": [], "buffers": []}
+for step in range(2):
+    y, y_ref = compiled(x + step), ref(x + step)
+    out["y"].append((y - y_ref).abs().max().item())
+pairs = zip(m.buffers(), ref.buffers())
+out["buffers"] = [(a.double() - b.double()).abs().max().item() for a, b in pairs]
+print(json.dumps(out))
+"""
+
+
+def test_torch_compile_in_a_fresh_process():
+    """Under torch.compile, r and d are computed eagerly: dynamo traced into the numba
+    dispatcher (importing numba inside the trace) and gave up with a recompile-limit error
+    in a process where numba was not loaded yet; hence a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COMPILED], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(out["y"]) < 1e-5 and max(out["buffers"]) < 1e-6, out

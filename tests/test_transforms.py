@@ -273,3 +273,25 @@ def test_torch_compile_around_vmap_and_jvp(training):
     y_want, ty_want = jvp(theirs, (x[0],), (t,))
     _close(y, y_want, torch.float32)
     _close(ty, ty_want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_batch_renorm_with_the_input_closed_over(backend):
+    """grad and jvp with respect to the weight, x closed over: x stays a plain tensor but
+    what the statistics read is wrapped by the transform (the kernels once got it)."""
+    x = make_input((4, 3, 5, 5), torch.float32)
+    m = _renorm(backend)
+    w0 = m.weight.detach().clone()
+
+    def f(w):
+        return torch.func.functional_call(m, {"weight": w}, (x,))
+
+    g = grad(lambda w: (f(w) * x).sum())(w0)
+    wr = w0.clone().requires_grad_(True)
+    (torch.func.functional_call(_renorm(backend), {"weight": wr}, (x,)) * x).sum().backward()
+    _close(g, wr.grad, torch.float32)
+    m = _renorm(backend)  # (grad's call moved the buffers r and d come from)
+    y, ty = jvp(f, (w0,), (torch.ones(3),))
+    _, r, d, _ = _renorm_reference(_renorm(backend), x)
+    xhat = F.batch_norm(x, None, None, None, None, True)  # y = w (xhat r + d) + b: dy/dw
+    _close(ty, xhat * r[:, None, None] + d[:, None, None], torch.float32)

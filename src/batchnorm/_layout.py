@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 _FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -68,12 +67,10 @@ def canonical(x: Tensor) -> tuple[Tensor, Layout]:
 
 
 def _channels_last_empty(x: Tensor) -> bool:
-    """For an empty x (contiguous in every memory format): whether its strides are the
-    channels-last ones (torch's empty_like keeps them, so the output must too)."""
-    if x.dim() not in (4, 5):
-        return False
-    strides = torch.empty(x.shape, memory_format=_FORMAT[x.dim()]).stride()
-    return x.stride() == strides and strides != torch.empty(x.shape).stride()
+    """For an empty x (contiguous in every memory format): whether its strides say channels
+    last (channels adjacent, the last spatial dim further apart), as torch's empty_like keeps
+    them, so the output must too."""
+    return x.dim() in _FORMAT and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) > 1
 
 
 def like_canonical(t: Tensor, layout: Layout) -> Tensor:
@@ -83,5 +80,5 @@ def like_canonical(t: Tensor, layout: Layout) -> Tensor:
         nhwc = t.permute(0, *range(2, t.dim()), 1)  # (N, *spatial, C): the memory order
         if not nhwc.is_contiguous():
             nhwc = nhwc.contiguous()
-        return nhwc.reshape(-1, layout.shape[1], 1)
+        return nhwc.reshape(math.prod(nhwc.shape[:-1]), layout.shape[1], 1)  # (C may be 0)
     return layout.to_canonical(t.contiguous())

@@ -43,7 +43,7 @@ from torch import Tensor
 from . import backends
 from ._conventions import acc_dtype
 from ._layout import canonical
-from .functional import _validate, batch_norm
+from .functional import _eager, _is_compiling, _validate, batch_norm
 from .modules import _OurBatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -103,7 +103,9 @@ class _BatchRenorm(_OurBatchNorm):
             input, self.running_mean, self.running_var, self.weight, self.bias, True,
             self.momentum, self.eps, self.num_batches_tracked, residual, self.activation,
         )  # fmt: skip
-        r, d = self._r_d(input, r_max, d_max)  # (C,), (C,) constants
+        # (under torch.compile, eagerly: dynamo would trace into the numba dispatcher)
+        r_d = _eager(self._r_d) if _is_compiling() else self._r_d
+        r, d = r_d(input, r_max, d_max)  # (C,), (C,) constants
         weight = r if self.weight is None else self.weight * r
         bias = d if self.weight is None else self.weight * d
         if self.bias is not None:
@@ -136,7 +138,9 @@ class _BatchRenorm(_OurBatchNorm):
             ones = torch.ones(C, dtype=acc, device=input.device)
             return ones, torch.zeros_like(ones)
         x3, _ = canonical(input.detach())  # (A, C, B)
-        mean, var = backends.select(self.backend, input).batch_stats(x3)  # (C,), (C,) biased
+        # the backend for x3, not input: under torch.func's grad or jvp, x3 is wrapped even
+        # when input (closed over) is not, and has no storage for the kernels
+        mean, var = backends.select(self.backend, x3).batch_stats(x3)  # (C,), (C,) biased
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)  # (C,)
         sigma_batch = torch.sqrt(var + self.eps)  # (C,)
         r = (sigma_batch / sigma).clamp(1.0 / r_max, r_max)
