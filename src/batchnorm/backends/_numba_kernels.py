@@ -927,6 +927,22 @@ def _four(v, lo, step, n):
 
 
 @njit(cache=True, inline="always")
+def _grad_x_four(dy, x, dx, lo, step, n, kdy, kx, k0):
+    """``dx = dy * kdy + x * kx + k0`` (``grad_x_tile``'s arithmetic, training, no mask) over
+    four runs of n values, ``step`` apart from lo, against one set of n coefficients: each
+    coefficient loaded once for four values."""
+    x0, x1, x2, x3 = _four(x, lo, step, n)
+    g0, g1, g2, g3 = _four(dy, lo, step, n)
+    d0, d1, d2, d3 = _four(dx, lo, step, n)
+    for i in range(n):
+        p, q, r = kdy[i], kx[i], k0[i]
+        d0[i] = g0[i] * p + x0[i] * q + r
+        d1[i] = g1[i] * p + x1[i] * q + r
+        d2[i] = g2[i] * p + x2[i] * q + r
+        d3[i] = g3[i] * p + x3[i] * q + r
+
+
+@njit(cache=True, inline="always")
 def _add_centred_4(x0, x1, x2, x3, m, s1, s2):
     """Four rows at once, per position i < s1.size: ``s1[i] += (d0 + d1) + (d2 + d3)`` and
     ``s2[i] += (d0^2 + d1^2) + (d2^2 + d3^2)`` with ``dj = xj[i] - m[i]``, in the arrays'
@@ -1356,16 +1372,7 @@ def _nchw_bwd_block_tiled(
     a4 = 0 if has_mask or not training or nt else A // 4 * 4
     S = C * B
     for a in range(0, a4, 4):
-        lo = (a * C + c0) * B
-        x0, x1, x2, x3 = _four(x, lo, S, L)
-        g0, g1, g2, g3 = _four(dy, lo, S, L)
-        d0, d1, d2, d3 = _four(dx, lo, S, L)
-        for i in range(L):
-            p, q, r = kdy[i], kx[i], k0[i]
-            d0[i] = g0[i] * p + x0[i] * q + r
-            d1[i] = g1[i] * p + x1[i] * q + r
-            d2[i] = g2[i] * p + x2[i] * q + r
-            d3[i] = g3[i] * p + x3[i] * q + r
+        _grad_x_four(dy, x, dx, (a * C + c0) * B, S, L, kdy, kx, k0)
     for a in range(a4, A):
         grad_x_tile(dy, x, mask, dx, (a * C + c0) * B, L, kdy, kx, k0, training, nt)
     if nt:
@@ -1687,17 +1694,8 @@ def _cl_dx_block(dy, x, mask, dx, C, rlo, rhi, kt, training):
     nt = streaming(dx)  # (the caller fences)
     # training without a mask, cached: four tiles per step, below; the rest tile by tile
     t4 = rlo if has_mask or not training or nt else rlo + (rhi - rlo) // (4 * T) * (4 * T)
-    for t0 in range(rlo, t4, 4 * T):  # four tiles per step: each coefficient loaded once for four
-        lo = t0 * C
-        x0, x1, x2, x3 = _four(x, lo, L, L)
-        g0, g1, g2, g3 = _four(dy, lo, L, L)
-        d0, d1, d2, d3 = _four(dx, lo, L, L)
-        for i in range(L):
-            p, q, r = kdy[i], kx[i], k0[i]
-            d0[i] = g0[i] * p + x0[i] * q + r
-            d1[i] = g1[i] * p + x1[i] * q + r
-            d2[i] = g2[i] * p + x2[i] * q + r
-            d3[i] = g3[i] * p + x3[i] * q + r
+    for t0 in range(rlo, t4, 4 * T):  # four tiles per step
+        _grad_x_four(dy, x, dx, t0 * C, L, L, kdy, kx, k0)
     for t0 in range(t4, rhi, T):
         lo = t0 * C
         grad_x_tile(dy, x, mask, dx, lo, min(t0 + T, rhi) * C - lo, kdy, kx, k0, training, nt)
