@@ -320,3 +320,27 @@ def test_eval_with_zero_variance_and_eps(backend):
     theirs = torch.nn.functional.batch_norm(x, rm, rv, None, None, False, 0.1, 0.0)
     ours = BF.batch_norm(x, rm, rv, None, None, False, 0.1, 0.0, backend=backend)
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+@pytest.mark.parametrize(
+    "dtype, offset, std, rtol",
+    [
+        (torch.float64, 1e4, 1e-3, 1e-14),  # 1e7 standard deviations from zero
+        (torch.float32, 1e4, 0.1, 1e-3),  # the issue's case: 1e5 standard deviations
+    ],
+    ids=["float64", "float32"],
+)
+def test_data_far_from_zero_keeps_its_variance(backend, dtype, offset, std, rtol):
+    """Every backend's statistics are two-pass (or shifted): running_var against float64's
+    two-pass value of the same data. (The torch backend's var_mean was 1e-9 off in float64 at
+    1e7 standard deviations, against torch's 1e-16; found by a fuzzing helper.)"""
+    g = torch.Generator().manual_seed(3)
+    x = (offset + std * torch.randn(8, 2, 5, generator=g, dtype=torch.float64)).to(dtype)
+    ref, ours = module_pair(2, 3, dtype, backend, momentum=1.0)
+    with torch.no_grad():
+        ref(x), ours(x)
+    xd = x.double()
+    exact = (xd - xd.mean(dim=(0, 2), keepdim=True)).square().sum(dim=(0, 2)) / (8 * 5 - 1)
+    torch.testing.assert_close(ours.running_var.double(), exact, rtol=rtol, atol=0)
+    torch.testing.assert_close(ref.running_var.double(), exact, rtol=rtol, atol=0)  # torch too
