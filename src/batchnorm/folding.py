@@ -57,10 +57,11 @@ def fold(model: nn.Module) -> nn.Module:
       its class. Pairs elsewhere (``self.bn1(self.conv1(x))`` in a ``forward``) are found by
       tracing with ``torch.fx``; the result is then a ``torch.fx.GraphModule`` with the same
       inputs and outputs. If tracing fails, those pairs stay unfolded and a warning says why.
-    * A pair is left alone where folding would change anything else: a layer whose output
-      is also used elsewhere, a layer or batch norm shared by several places or carrying
-      hooks or parametrizations, a batch norm called with ``residual=``, channels that do
-      not match, or lazy modules not yet initialised.
+    * A pair is left alone where folding would change anything else: a layer subclass
+      with its own ``forward``, a layer whose output is also used elsewhere, a layer or
+      batch norm shared by several places or carrying hooks or parametrizations, a batch
+      norm called with ``residual=``, channels that do not match, or lazy modules not yet
+      initialised.
     * Linear + BatchNorm1d assumes the usual ``(N, features)`` input, where the batch
       norm's channels are the Linear's outputs.
 
@@ -110,8 +111,17 @@ def _foldable_bn(m: nn.Module) -> bool:
     )
 
 
+def _plain_layer(layer: nn.Module) -> bool:
+    """A Conv1d/2d/3d or Linear computing what its class does: a subclass that overrides
+    ``forward`` (weight standardisation, a scaled output) is not the affine map folding
+    assumes."""
+    return isinstance(layer, _LAYERS) and any(
+        type(layer).forward is base.forward for base in _LAYERS if isinstance(layer, base)
+    )
+
+
 def _foldable_pair(layer: nn.Module, bn: nn.Module, uses: Counter) -> bool:
-    if not (isinstance(layer, _LAYERS) and _foldable_bn(bn)):
+    if not (_plain_layer(layer) and _foldable_bn(bn)):
         return False
     if _is_lazy(layer) or _has_hooks(layer) or parametrize.is_parametrized(layer):
         return False

@@ -797,7 +797,8 @@ def _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t):
     """Store mean, biased var and invstd (as ``_conventions.invstd_from_var``) of channel c."""
     mean[c] = mean64
     v = m2 / n if n > 0 else 0.0
-    var[c] = v if v > 0 else 0.0  # m2 = s2 - s1^2 / cnt may round below zero
+    # m2 = s2 - s1^2 / cnt may round below zero; a NaN (a NaN or an inf in the channel) stays
+    var[c] = 0.0 if v < 0 else v
     den = np.sqrt(var[c] + eps_t)  # in the accumulation dtype, as the torch backend
     invstd[c] = 1.0 / den if den != 0 else 0.0
 
