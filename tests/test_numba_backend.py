@@ -1575,3 +1575,41 @@ def test_prefetch_asks_for_each_line_and_changes_nothing():
             fresh = numba.njit(kernel.py_func)
             fresh.compile(sig)
             assert "prefetcht0" in fresh.inspect_asm(sig)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((8, 3), False), ((4, 3, 5, 4), False), ((4, 3, 5, 4), True), ((70, 3, 7, 7), False),
+     ((64, 3, 30, 30), False), ((64, 3, 30, 30), True), ((2, 3, 300, 300), False),
+     ((2, 3, 4, 5, 6), True)],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_last, value,
+                                                              where):  # fmt: skip
+    """A NaN or an inf in a training channel: its output and running_var are NaN, as torch's
+    (a NaN variance was once clamped to 0: running_var stayed finite, and a channels-last inf
+    gave -inf outputs). The other channels are untouched. running_mean: NaN for a NaN, as
+    torch; for an inf torch keeps the inf where ours is NaN (README, differences)."""
+    x = make_input(shape, channels_last=channels_last)
+    idx = [0] * len(shape) if where == "first" else [s - 1 for s in shape]
+    idx[1] = 1
+    x[tuple(idx)] = value
+    ref, ours = module_pair_nb(shape)
+    y_ref, y = ref(x), ours(x)
+    assert y[:, 1].isnan().all() and y_ref[:, 1].isnan().all()
+    assert ours.running_var[1].isnan() and ref.running_var[1].isnan()
+    assert ours.running_mean[1].isnan() if value != value else not ours.running_mean[1].isfinite()
+    for c in (0, 2):
+        assert_close(y[:, c], y_ref[:, c], torch.float32, "other channels")
+        assert_close(ours.running_var[c], ref.running_var[c], torch.float32, "running_var")
+        assert_close(ours.running_mean[c], ref.running_mean[c], torch.float32, "running_mean")
+
+
+def module_pair_nb(shape):
+    import batchnorm
+
+    C, ndim = shape[1], len(shape)
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[ndim]
+    return getattr(torch.nn, name)(C), getattr(batchnorm, name)(C, backend="numba")
