@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor as _functorch_wrapped
+from torch._C._functorch import is_functorch_wrapped_tensor as functorch_wrapped
 from torch.autograd.graph import increment_version
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,7 +43,7 @@ def _numpy_ok(*tensors: Tensor) -> bool:
     torch.func wrapper, e.g. vmapped running buffers, has no storage to view)."""
     return all(
         t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
-        and not _functorch_wrapped(t)
+        and not functorch_wrapped(t)
         for t in tensors
     )  # fmt: skip
 

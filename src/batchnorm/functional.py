@@ -24,6 +24,7 @@ from ._conventions import (
     FLOAT_DTYPES,
     HALF_DTYPES,
     acc_dtype,
+    functorch_wrapped,
     invstd_from_var,
     momentum_factor,
     update_running_stats,
@@ -175,15 +176,11 @@ def _any_tangent(*tensors) -> bool:
     return any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
 def _plain(t: Tensor) -> Tensor | None:
     """The plain tensor under a forward-AD dual and functorch wrappers (grad, jvp), or None
     under a vmap (one value per vmapped example)."""
     t = _fwad.unpack_dual(t).primal
-    while _wrapped(t):
+    while functorch_wrapped(t):
         if torch._C._functorch.is_batchedtensor(t):
             return None
         t = torch._C._functorch.get_unwrapped(t)
@@ -217,7 +214,7 @@ def _composite(input, running_mean, running_var, weight, bias, training, momentu
         return y
     # the running buffers, updated in place as torch's batch_norm does under these transforms
     count = input.numel() // input.shape[1] if input.shape[1] else 0
-    if _wrapped(running_mean) or _wrapped(running_var):
+    if functorch_wrapped(running_mean) or functorch_wrapped(running_var):
         # buffers vmapped along with x: updated per example, inside the transform
         m, v = _fwad.unpack_dual(mean).primal, _fwad.unpack_dual(var).primal
         scope = contextlib.nullcontext()

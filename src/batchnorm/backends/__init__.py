@@ -40,8 +40,9 @@ import importlib
 import warnings
 from types import ModuleType
 
-import torch
 from torch import Tensor
+
+from .._conventions import functorch_wrapped
 
 BACKENDS = ("auto", "torch", "numba")
 _MODULES = {"torch": "batchnorm.backends.torch_ops", "numba": "batchnorm.backends.numba_cpu"}
@@ -87,7 +88,7 @@ def select(backend: str, x: Tensor) -> ModuleType:
     """The backend module to run for input ``x``: the torch backend, whatever ``backend``
     says, for a tensor wrapped by a running torch.func transform (vmap, grad, jvp), which
     has no storage the kernels could read."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if functorch_wrapped(x):
         check_name(backend)
         return load("torch")
     if backend == "auto":
