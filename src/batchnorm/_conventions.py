@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor as functorch_wrapped
 from torch.autograd.graph import increment_version
@@ -40,10 +41,12 @@ def invstd_from_var(var: Tensor, eps: float) -> Tensor:
 
 def _numpy_ok(*tensors: Tensor) -> bool:
     """True when every tensor can be viewed as a NumPy array without a copy or a graph (a
-    torch.func wrapper, e.g. vmapped running buffers, has no storage to view)."""
+    torch.func wrapper, e.g. vmapped running buffers, has no storage to view; a forward-mode
+    tangent would be dropped)."""
     return all(
         t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
         and not functorch_wrapped(t)
+        and not (_fwad._current_level >= 0 and _fwad.unpack_dual(t).tangent is not None)
         for t in tensors
     )  # fmt: skip
 

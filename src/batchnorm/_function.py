@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ._conventions import acc_dtype
+from ._conventions import acc_dtype, invstd_from_var
 from ._layout import Layout, canonical, like_canonical
 
 
@@ -175,7 +175,7 @@ def differentiable_forward(
     xa = x.to(acc)
     if training:
         mean, var = differentiable_stats(x)
-        invstd = 1.0 / torch.sqrt(var + eps)  # ``invstd_from_var``'s ops, kept in the graph
+        invstd = invstd_from_var(var, eps)  # torch ops for a graph, a tangent or a wrapper
     y = (xa - mean.view(shape)) * invstd.view(shape)
     if weight is not None:
         y = y * weight.to(acc).view(shape)

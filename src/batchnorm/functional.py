@@ -207,7 +207,7 @@ def _composite(input, running_mean, running_var, weight, bias, training, momentu
         mean, var = differentiable_stats(input)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
-    invstd = 1.0 / torch.sqrt(var + eps)
+    invstd = invstd_from_var(var, eps)
     y = differentiable_forward(input, weight, bias, residual, False, eps, mean, invstd,
                                activation == "relu")  # fmt: skip
     if not training or running_mean is None:
