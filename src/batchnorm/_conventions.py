@@ -46,9 +46,18 @@ def _numpy_ok(*tensors: Tensor) -> bool:
     return all(
         t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
         and not functorch_wrapped(t)
-        and not (_fwad._current_level >= 0 and _fwad.unpack_dual(t).tangent is not None)
+        and not has_tangent(t)
         for t in tensors
     )  # fmt: skip
+
+
+def has_tangent(t: object) -> bool:
+    """Whether t is a tensor carrying a forward-mode AD tangent (only inside a dual level)."""
+    return (
+        _fwad._current_level >= 0
+        and isinstance(t, Tensor)
+        and _fwad.unpack_dual(t).tangent is not None
+    )
 
 
 def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:

@@ -25,6 +25,7 @@ from ._conventions import (
     HALF_DTYPES,
     acc_dtype,
     functorch_wrapped,
+    has_tangent,
     invstd_from_var,
     momentum_factor,
     update_running_stats,
@@ -165,15 +166,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 def _transformed(*tensors) -> bool:
     """Whether a torch.func transform runs or one of ``tensors`` carries a forward-mode
     tangent: calls the kernels cannot take (no storage to read, no jvp)."""
-    return _functorch_active() is not None or (_fwad._current_level >= 0 and _any_tangent(*tensors))
-
-
-def _any_tangent(*tensors) -> bool:
-    """Whether a tensor carries a forward-mode tangent, which the kernels and the
-    autograd.Function would drop. (``batch_norm`` sends these calls, and those under a running
-    torch.func transform, whose wrapped tensors have no storage the kernels could read, to
-    ``_composite``.)"""
-    return any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+    return _functorch_active() is not None or (
+        _fwad._current_level >= 0 and any(has_tangent(t) for t in tensors)  # (cheap test first)
+    )
 
 
 def _plain(t: Tensor) -> Tensor | None:
