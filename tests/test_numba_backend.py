@@ -20,7 +20,7 @@ from batchnorm import reference
 from batchnorm._layout import canonical, like_canonical
 from batchnorm.backends import numba_cpu as nb
 from batchnorm.backends import select
-from conftest import assert_close, make_input, param_dtype, to_numpy
+from conftest import assert_close, make_input, module_pair, param_dtype, to_numpy
 
 EPS = 1e-5
 
@@ -1596,7 +1596,7 @@ def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_la
     idx = [0] * len(shape) if where == "first" else [s - 1 for s in shape]
     idx[1] = 1
     x[tuple(idx)] = value
-    ref, ours = module_pair_nb(shape)
+    ref, ours = module_pair(shape[1], len(shape), backend="numba")
     y_ref, y = ref(x), ours(x)
     assert y[:, 1].isnan().all() and y_ref[:, 1].isnan().all()
     assert ours.running_var[1].isnan() and ref.running_var[1].isnan()
@@ -1605,11 +1605,3 @@ def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_la
         assert_close(y[:, c], y_ref[:, c], torch.float32, "other channels")
         assert_close(ours.running_var[c], ref.running_var[c], torch.float32, "running_var")
         assert_close(ours.running_mean[c], ref.running_mean[c], torch.float32, "running_mean")
-
-
-def module_pair_nb(shape):
-    import batchnorm
-
-    C, ndim = shape[1], len(shape)
-    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[ndim]
-    return getattr(torch.nn, name)(C), getattr(batchnorm, name)(C, backend="numba")

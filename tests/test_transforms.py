@@ -202,8 +202,8 @@ def _renorm(backend="auto"):
 
 
 def _renorm_reference(m, x):
-    """y, its jvp along t via torch's batch_norm with the constants w r, w d + b, and the
-    buffers after the step (from the plain call on a copy of the module)."""
+    """(y, r, d, the module after the step) from a plain call on a copy of m: the output,
+    the constants r and d, and the buffers to expect."""
     ref = batchnorm.BatchRenorm2d(3, r_max=1.5, d_max=5.0)
     ref.load_state_dict(m.state_dict())
     r, d = ref._r_d(x, 1.5, 5.0)
