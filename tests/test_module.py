@@ -112,9 +112,11 @@ def test_flipping_track_running_stats_after_construction():
     for m in (ref, ours):
         m(make_input((4, 3, 3, 3)))
         m.track_running_stats = False
+    before = ours.running_mean.clone(), ours.running_var.clone()
     x = make_input((4, 3, 3, 3), seed=2)
     assert_close(ours(x), ref(x), torch.float32, "train, flag off")
-    assert torch.equal(ours.running_mean, ref.running_mean)
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+    assert_close(ours.running_mean, ref.running_mean, torch.float32, "running_mean")
     assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
     ref.eval()
     ours.eval()

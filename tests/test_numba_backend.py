@@ -1577,7 +1577,7 @@ def test_prefetch_asks_for_each_line_and_changes_nothing():
             assert "prefetcht0" in fresh.inspect_asm(sig)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "inf and -inf"])
 @pytest.mark.parametrize(
     "shape, channels_last",
     [((8, 3), False), ((4, 3, 5, 4), False), ((4, 3, 5, 4), True), ((70, 3, 7, 7), False),
@@ -1586,21 +1586,31 @@ def test_prefetch_asks_for_each_line_and_changes_nothing():
     ids=str,
 )  # fmt: skip
 @pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_last, value,
-                                                              where):  # fmt: skip
+                                                              where, backend):  # fmt: skip
     """A NaN or an inf in a training channel: its output and running_var are NaN, as torch's
     (a NaN variance was once clamped to 0: running_var stayed finite, and a channels-last inf
-    gave -inf outputs). The other channels are untouched. running_mean: NaN for a NaN, as
-    torch; for an inf torch keeps the inf where ours is NaN (README, differences)."""
+    gave -inf outputs), and its running_mean is torch's: the infinity for one infinity (the
+    shifted sums alone gave NaN), NaN for a NaN or both infinities. The shapes take every
+    statistics path (rows, tiled short runs, blocks, one channel over L2). The other channels
+    are untouched."""
     x = make_input(shape, channels_last=channels_last)
-    idx = [0] * len(shape) if where == "first" else [s - 1 for s in shape]
-    idx[1] = 1
-    x[tuple(idx)] = value
-    ref, ours = module_pair(shape[1], len(shape), backend="numba")
+    first, last = [0] * len(shape), [s - 1 for s in shape]
+    first[1] = last[1] = 1
+    if value == "inf and -inf":
+        x[tuple(first)], x[tuple(last)] = float("inf"), float("-inf")
+    else:
+        x[tuple(first if where == "first" else last)] = float(value)
+    ref, ours = module_pair(shape[1], len(shape), backend=backend)
     y_ref, y = ref(x), ours(x)
     assert y[:, 1].isnan().all() and y_ref[:, 1].isnan().all()
     assert ours.running_var[1].isnan() and ref.running_var[1].isnan()
-    assert ours.running_mean[1].isnan() if value != value else not ours.running_mean[1].isfinite()
+    got, expected = ours.running_mean[1].item(), ref.running_mean[1].item()
+    if value in ("nan", "inf and -inf"):
+        assert got != got and expected != expected, (got, expected)
+    else:
+        assert got == expected == float(value), (got, expected)
     for c in (0, 2):
         assert_close(y[:, c], y_ref[:, c], torch.float32, "other channels")
         assert_close(ours.running_var[c], ref.running_var[c], torch.float32, "running_var")

@@ -33,12 +33,12 @@ def _col(v: Tensor) -> Tensor:
 def batch_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, var)`` of x3 (A, C, B); var biased. Accumulates in float32 at least.
 
-    The variance is a second pass over the deviations from the mean, as in torch's CPU kernel
-    and the numba backend: ``torch.var_mean``'s own variance lost digits in proportion to
-    |mean| / std (float64 data 1e7 standard deviations from zero: running_var 1e-9 off,
-    against 1e-16). Its mean is kept (the same bits as before, and as torch's module here)."""
+    Two passes, as torch's CPU kernel and the numba backend: the mean, then the variance over
+    the deviations from it (``torch.var_mean`` lost digits in proportion to |mean| / std:
+    float64 data 1e7 standard deviations from zero, running_var 1e-9 off against 1e-16; and
+    its mean of a channel holding an infinity is NaN, where torch's module keeps the inf)."""
     xa = x3.to(acc_dtype(x3.dtype))
-    _, mean = torch.var_mean(xa, dim=_DIMS, correction=0)  # (C,)
+    mean = xa.mean(dim=_DIMS)  # (C,)
     var = (xa - _col(mean)).square_().mean(dim=_DIMS)  # (C,)
     return mean, var
 
