@@ -295,3 +295,22 @@ def test_batch_renorm_with_the_input_closed_over(backend):
     _, r, d, _ = _renorm_reference(_renorm(backend), x)
     xhat = F.batch_norm(x, None, None, None, None, True)  # y = w (xhat r + d) + b: dy/dw
     _close(ty, xhat * r[:, None, None] + d[:, None, None], torch.float32)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_forward_ad_non_finite_channel_buffers_match_torch(value):
+    """The differentiable path's statistics (two passes, as the kernels'): an infinity in a
+    training channel leaves torch's running_mean (the infinity; var_mean's mean was NaN) and a
+    NaN running_var; a NaN gives NaN in both."""
+    x = make_input((4, 3, 5, 5))
+    x[2, 1, 3, 4] = float(value)
+    ref, ours = torch.nn.BatchNorm2d(3), batchnorm.BatchNorm2d(3)
+    ref(x)
+    with fwAD.dual_level():
+        ours(fwAD.make_dual(x, torch.ones_like(x)))
+    got, want = ours.running_mean[1].item(), ref.running_mean[1].item()
+    assert (got == want == float(value)) if value != "nan" else (got != got and want != want)
+    assert ours.running_var[1].isnan() and ref.running_var[1].isnan()
+    for c in (0, 2):
+        _close(ours.running_mean[c], ref.running_mean[c], torch.float32)
+        _close(ours.running_var[c], ref.running_var[c], torch.float32)

@@ -144,12 +144,16 @@ class BatchNormFunction(torch.autograd.Function):
 
 def differentiable_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(mean, biased var)`` per channel in the accumulation dtype, differentiable; zeros
-    for an empty batch (the statistics the kernels take then)."""
+    for an empty batch (the statistics the kernels take then). Two passes, as the backends'
+    ``batch_stats`` (``torch.var_mean`` loses digits with |mean| / std, and its mean of a
+    channel holding an infinity is NaN where torch's is the infinity)."""
     xa = x.to(acc_dtype(x.dtype))
     if xa.numel() == 0:
         zeros = xa.new_zeros(x.shape[1])
         return zeros, zeros
-    var, mean = torch.var_mean(xa, dim=(0, *range(2, x.dim())), correction=0)
+    dims = (0, *range(2, x.dim()))
+    mean = xa.mean(dim=dims)
+    var = (xa - mean.view((1, -1) + (1,) * (x.dim() - 2))).square().mean(dim=dims)
     return mean, var
 
 

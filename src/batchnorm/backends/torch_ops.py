@@ -1,6 +1,6 @@
 """The portable backend: plain torch tensor ops, on any device.
 
-No torch batch-norm op runs here; only reductions (``torch.var_mean``, ``sum``) and
+No torch batch-norm op runs here; only reductions (``mean``, ``sum``) and
 elementwise arithmetic. Every function takes the canonical ``(A, C, B)`` view
 (see ``batchnorm._layout``); per-channel vectors are ``(C,)`` in the accumulation dtype
 (float32, or float64 for float64 input).
