@@ -1499,7 +1499,7 @@ def _fold(t, C, out, zero):
 
 
 @njit(cache=True)
-def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
+def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, sh, s1, s2):
     """Moments of rows [rlo, rhi) into pmean, pm2 (C,) float64, in ONE pass over the rows.
 
     Sums about a per-block shift m (the mean of the block's first CL_SHIFT_ROWS rows, a
@@ -1511,8 +1511,8 @@ def _cl_block_moments(x, C, rlo, rhi, pmean, pm2, zero, s, sh, s1, s2):
     ``centred_sums_rows4``'s: four rows per step, a band of channels at a time in registers,
     over pieces of about CL_CHUNK values (channels-last forward-train, alternating bench runs,
     three rounds: 8x64x112x112 0.65-0.94 -> 0.54-0.58 ms, 32x256x28x28 0.70-0.79 -> 0.58-0.71;
-    the numba loop loaded and stored the (C,) sums every four rows). s: (C,) scratch, unused
-    (kept for the callers' scratch layout)."""
+    the numba loop loaded and stored the (C,) sums every four rows). sh, s1, s2: (C,) scratch
+    in x's dtype (the shift and the sums)."""
     n0 = min(CL_SHIFT_ROWS, rhi - rlo)
     for k in range(C):
         sh[k] = zero
@@ -1628,11 +1628,11 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
         pm2 = _aligned(nblocks, C, np.float64)
         for t in prange(nt):
             lo, hi = _share(t, nt, nblocks)
-            sc = _aligned(4, C, x.dtype)
+            sc = _aligned(3, C, x.dtype)
             for j in range(lo, hi):
                 _cl_block_moments(
-                    x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero,
-                    sc[0], sc[1], sc[2], sc[3],
+                    x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero, sc[0], sc[1],
+                    sc[2],
                 )  # fmt: skip
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
         _plain_means_where_nan(x, A, C, 1, 0, C, mean)
@@ -1658,11 +1658,11 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
     if stats:
         pmean = _aligned(nblocks, C, np.float64)
         pm2 = _aligned(nblocks, C, np.float64)
-        sc = _aligned(4, C, x.dtype)
+        sc = _aligned(3, C, x.dtype)
         for j in range(nblocks):
             _cl_block_moments(
-                x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero,
-                sc[0], sc[1], sc[2], sc[3],
+                x, C, j * RB, min(A, (j + 1) * RB), pmean[j], pm2[j], zero, sc[0], sc[1],
+                sc[2],
             )  # fmt: skip
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
         _plain_means_where_nan(x, A, C, 1, 0, C, mean)
