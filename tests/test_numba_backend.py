@@ -338,6 +338,29 @@ def test_non_contiguous_input_is_copied(backend):
     assert_close(dx, torch.from_numpy(dx_ref), torch.float32, "dx", count=140)
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_ncl_stored_as_nlc_runs_channels_last_without_a_copy(backend):
+    """An (N, C, L) view of an (N, L, C) tensor (a sequence model's transpose) is the
+    channels-last layout of BatchNorm1d: the canonical (N * L, C, 1) view reads x's own
+    storage, the output keeps x's strides, and values and dx match the reference."""
+    base = make_input((4, 13, 6), seed=2)  # (N, L, C)
+    x = base.transpose(1, 2)  # (N, C, L), strides (L * C, 1, C)
+    x3, layout = canonical(x)
+    assert layout.channels_last and x3.shape == (4 * 13, 6, 1)
+    assert x3.data_ptr() == x.data_ptr()  # no copy
+    weight, bias = _params(6, torch.float32)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    xg = x.detach().requires_grad_(True)
+    y = BF.batch_norm(xg, rm, rv, weight, bias, training=True, backend=backend)
+    assert y.stride() == x.stride()
+    y_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
+    assert_close(y, torch.from_numpy(y_ref), torch.float32, "y", count=4)
+    dy = make_input(x.shape, seed=9)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    dx_ref, _, _ = reference.backward(to_numpy(dy), cache)
+    assert_close(dx, torch.from_numpy(dx_ref), torch.float32, "dx", count=52)
+
+
 def test_threads_follow_torch():
     """The numba pool is sized to torch.get_num_threads() on each parallel call."""
     import numba
@@ -1577,15 +1600,19 @@ def test_prefetch_asks_for_each_line_and_changes_nothing():
             assert "prefetcht0" in fresh.inspect_asm(sig)
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "inf and -inf"])
+_NON_FINITE_SHAPES = [
+    ((8, 3), False), ((4, 3, 5, 4), False), ((4, 3, 5, 4), True), ((70, 3, 7, 7), False),
+    ((64, 3, 30, 30), False), ((64, 3, 30, 30), True), ((2, 3, 300, 300), False),
+    ((2, 3, 4, 5, 6), True),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "shape, channels_last",
-    [((8, 3), False), ((4, 3, 5, 4), False), ((4, 3, 5, 4), True), ((70, 3, 7, 7), False),
-     ((64, 3, 30, 30), False), ((64, 3, 30, 30), True), ((2, 3, 300, 300), False),
-     ((2, 3, 4, 5, 6), True)],
-    ids=str,
+    "value, where",
+    [("nan", "first"), ("nan", "last"), ("inf", "first"), ("inf", "last"), ("-inf", "first"),
+     ("-inf", "last"), ("inf and -inf", "first and last")],
 )  # fmt: skip
-@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("shape, channels_last", _NON_FINITE_SHAPES, ids=str)
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_last, value,
                                                               where, backend):  # fmt: skip
@@ -1598,7 +1625,7 @@ def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_la
     x = make_input(shape, channels_last=channels_last)
     first, last = [0] * len(shape), [s - 1 for s in shape]
     first[1] = last[1] = 1
-    if value == "inf and -inf":
+    if where == "first and last":
         x[tuple(first)], x[tuple(last)] = float("inf"), float("-inf")
     else:
         x[tuple(first if where == "first" else last)] = float(value)
@@ -1615,3 +1642,20 @@ def test_a_non_finite_value_makes_its_channel_nan_as_in_torch(shape, channels_la
         assert_close(y[:, c], y_ref[:, c], torch.float32, "other channels")
         assert_close(ours.running_var[c], ref.running_var[c], torch.float32, "running_var")
         assert_close(ours.running_mean[c], ref.running_mean[c], torch.float32, "running_mean")
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 4), (70, 3, 7, 7), (64, 3, 30, 30), (2, 3, 300, 300)],
+                         ids=str)  # fmt: skip
+def test_a_channel_whose_float32_sums_overflow_gets_float64_statistics(shape):
+    """A constant channel of 1e37 (float32): the kernels' float32 partial sums overflow and
+    their mean comes out NaN, so the channel's statistics are taken again in float64: torch's
+    running buffers (NCHW: mean 1e36 after one step, var 0.9), on every NCHW statistics path
+    (short-run tiles, blocks, one channel over L2). The outputs are not compared: float32
+    cannot hold x * scale here (torch gives -inf, its channels-last path NaN)."""
+    x = make_input(shape)
+    x[:, 1] = 1e37
+    ref, ours = module_pair(shape[1], len(shape), backend="numba")
+    ref(x), ours(x)
+    assert ref.running_mean[1].isfinite() and ref.running_var[1].item() == pytest.approx(0.9)
+    assert_close(ours.running_mean, ref.running_mean, torch.float32, "running_mean")
+    assert_close(ours.running_var, ref.running_var, torch.float32, "running_var")

@@ -314,3 +314,17 @@ def test_forward_ad_non_finite_channel_buffers_match_torch(value):
     for c in (0, 2):
         _close(ours.running_mean[c], ref.running_mean[c], torch.float32)
         _close(ours.running_var[c], ref.running_var[c], torch.float32)
+
+
+def test_forward_ad_data_far_from_zero_keeps_its_variance():
+    """The issue's offset case (x = 1e4 + 0.1 * randn, float32: 1e5 standard deviations from
+    zero) through the differentiable path: running_var within 1e-3 of float64's two-pass
+    value, as the kernels' (test_parity)."""
+    g = torch.Generator().manual_seed(3)
+    x = (1e4 + 0.1 * torch.randn(8, 2, 5, generator=g, dtype=torch.float64)).float()
+    ours = batchnorm.BatchNorm1d(2, momentum=1.0)
+    with fwAD.dual_level():
+        ours(fwAD.make_dual(x, torch.ones_like(x)))
+    xd = x.double()
+    exact = (xd - xd.mean(dim=(0, 2), keepdim=True)).square().sum(dim=(0, 2)) / (8 * 5 - 1)
+    torch.testing.assert_close(ours.running_var.double(), exact, rtol=1e-3, atol=0)

@@ -144,17 +144,17 @@ class BatchNormFunction(torch.autograd.Function):
 
 def differentiable_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(mean, biased var)`` per channel in the accumulation dtype, differentiable; zeros
-    for an empty batch (the statistics the kernels take then). Two passes, as the backends'
-    ``batch_stats`` (``torch.var_mean`` loses digits with |mean| / std, and its mean of a
-    channel holding an infinity is NaN where torch's is the infinity)."""
+    for an empty batch (the statistics the kernels take then). The mean is ``torch.mean``'s
+    (``var_mean``'s is NaN for a channel holding an infinity, where torch's is the
+    infinity); the variance ``torch.var``'s, which keeps no full-size tensor for backward
+    under autograd (a second pass over ``x - mean`` would, for double backward and
+    ``torch.func.grad``), at the precision of Welford's update (README, statistics)."""
     xa = x.to(acc_dtype(x.dtype))
     if xa.numel() == 0:
         zeros = xa.new_zeros(x.shape[1])
         return zeros, zeros
     dims = (0, *range(2, x.dim()))
-    mean = xa.mean(dim=dims)
-    var = (xa - mean.view((1, -1) + (1,) * (x.dim() - 2))).square().mean(dim=dims)
-    return mean, var
+    return xa.mean(dim=dims), torch.var(xa, dim=dims, correction=0)
 
 
 def differentiable_forward(

@@ -2,7 +2,7 @@
 
 Example::
 
-    $ batchnorm bench --quick                      # a few small shapes, about a minute
+    $ batchnorm bench --quick                      # a few small shapes, seconds
     $ batchnorm bench --out benchmarks/results     # the full table, markdown + CSV
     $ batchnorm bench --compile --shapes 8,64,112,112 --passes forward-train
 
@@ -20,11 +20,12 @@ and reports the per-call time, which makes tiny shapes measurable.
 
 Backward rows time ``torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)`` on
 one recorded graph, so only the backward kernels (and the autograd engine) are measured.
-Outputs are fresh tensors in every method but copy; tensors over 32 MiB come from ``mmap``
-(glibc's largest malloc threshold), so their rows pay page faults on every call, in torch and
-here alike, which the copy floor does not. Smaller ones come from the heap once glibc has
-raised its threshold, which a training process has done long ago; the benchmark does it
-first (one 31 MiB block freed), or the first rows would pay page faults too.
+Outputs are fresh tensors in every method but copy; tensors over 32 MiB (glibc's largest
+mmap threshold) may be mapped fresh on a call, so their rows can pay a page fault per 4 KiB
+of output, in one method or both, varying from run to run, which the copy floor does not.
+Smaller ones come from the heap once glibc has raised its threshold, which a training
+process has done long ago; the benchmark does it first (one 31 MiB block freed), or the
+first rows would pay page faults too.
 """
 
 from __future__ import annotations

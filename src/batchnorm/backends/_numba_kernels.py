@@ -804,20 +804,30 @@ def _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t):
 
 
 @njit(cache=True)
-def _plain_means_where_nan(x, A, C, B, c0, c1, mean):
-    """Channels in [c0, c1) whose mean came out NaN get the plain mean, a float64 sum in
-    memory order over n: the shifted sums turn an infinity into NaN (``inf - inf``) where the
-    plain sum keeps it, as torch's mean does (a NaN, or both infinities, stay NaN). x as
-    (A, C, B); channels-last rows are B = 1. Only non-finite data comes here."""
+def _plain_stats_where_nan(x, A, C, B, c0, c1, mean, var, invstd, eps_t):
+    """Channels in [c0, c1) whose mean came out NaN get plain float64 statistics: the mean a
+    float64 sum in memory order over n, then the centred squares about it. The kernels' sums
+    give NaN for an infinity (``inf - inf`` about a shift) where the plain mean keeps it, as
+    torch's does (a NaN, or both infinities, stay NaN; the variance is NaN either way), and
+    for finite float32 data so large that a float32 partial sum overflows (|x| beyond about
+    1e35), where these are finite. x as (A, C, B); channels-last rows are B = 1."""
     n = A * B
     for c in range(c0, c1):
-        if mean[c] != mean[c]:
-            s = 0.0
-            for a in range(A):
-                base = (a * C + c) * B
-                for i in range(B):
-                    s += x[base + i]
-            mean[c] = s / n
+        if mean[c] == mean[c]:
+            continue
+        s = 0.0
+        for a in range(A):
+            base = (a * C + c) * B
+            for i in range(B):
+                s += x[base + i]
+        m = s / n
+        m2 = 0.0
+        for a in range(A):
+            base = (a * C + c) * B
+            for i in range(B):
+                d = x[base + i] - m
+                m2 += d * d
+        _finish_stats(c, n, m, m2, mean, var, invstd, eps_t)
 
 
 @njit(cache=True)
@@ -843,7 +853,7 @@ def _nchw_fwd_channel(
     if stats:
         n, mean64, m2 = _channel_moments(x, A, C, B, c, zero)
         _finish_stats(c, n, mean64, m2, mean, var, invstd, eps_t)
-        _plain_means_where_nan(x, A, C, B, c, c + 1, mean)
+        _plain_stats_where_nan(x, A, C, B, c, c + 1, mean, var, invstd, eps_t)
     if apply:
         scale64, shift64 = _scale_shift(c, mean, invstd, w, b)
         acc[0] = scale64  # in x's compute dtype, so the loop below stays in it
@@ -920,7 +930,7 @@ def _nchw_fwd_block(
             # exact mean and centred sum of squares from sums about the shift m
             mean64 = np.float64(sx[0, k]) + t1[k] / n
             _finish_stats(c0 + k, n, mean64, t2[k] - t1[k] * t1[k] / n, mean, var, invstd, eps_t)
-        _plain_means_where_nan(x, A, C, B, c0, c1, mean)
+        _plain_stats_where_nan(x, A, C, B, c0, c1, mean, var, invstd, eps_t)
     if not apply:
         return
     for k in range(nc):
@@ -1072,7 +1082,7 @@ def _nchw_fwd_block_tiled(
                 s2 += q2[i]
             mean64 = np.float64(mt[k * B]) + s1 / n
             _finish_stats(c0 + k, n, mean64, s2 - s1 * s1 / n, mean, var, invstd, eps_t)
-        _plain_means_where_nan(x, A, C, B, c0, c1, mean)
+        _plain_stats_where_nan(x, A, C, B, c0, c1, mean, var, invstd, eps_t)
     if not apply:
         return
     st, ht = tiles[0], tiles[1]
@@ -1635,7 +1645,7 @@ def cl_fwd_par(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
                     sc[2],
                 )  # fmt: skip
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
-        _plain_means_where_nan(x, A, C, 1, 0, C, mean)
+        _plain_stats_where_nan(x, A, C, 1, 0, C, mean, var, invstd, eps_t)
     if apply:
         t2 = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         back = stats and x.size * x.itemsize <= L3_REUSE_BYTES
@@ -1665,7 +1675,7 @@ def cl_fwd_ser(x, y, res, A, C, mean, var, invstd, w, b, eps_t, stats, apply, re
                 sc[2],
             )  # fmt: skip
         _cl_combine(A, C, RB, pmean, pm2, mean, var, invstd, eps_t)
-        _plain_means_where_nan(x, A, C, 1, 0, C, mean)
+        _plain_stats_where_nan(x, A, C, 1, 0, C, mean, var, invstd, eps_t)
     if apply:
         t = _cl_scale_shift_tiles(C, mean, invstd, w, b, x)
         for j in range(nblocks):

@@ -5,9 +5,10 @@ elementwise arithmetic. Every function takes the canonical ``(A, C, B)`` view
 (see ``batchnorm._layout``); per-channel vectors are ``(C,)`` in the accumulation dtype
 (float32, or float64 for float64 input).
 
-Memory traffic (float32, per element): forward-train reads x twice (statistics, then
-normalise) and writes y once; backward reads dy and x twice and writes dx once. The numba
-backend fuses these; this one is the readable, device-independent baseline.
+Memory traffic (float32, per element): forward-train reads x three times (the mean, the
+deviations' squares, which it also writes and reads back, then the normalisation) and
+writes y once; backward reads dy and x twice and writes dx once. The numba backend fuses
+these; this one is the readable, device-independent baseline.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ def batch_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, var)`` of x3 (A, C, B); var biased. Accumulates in float32 at least.
 
     Two passes, as torch's CPU kernel and the numba backend: the mean, then the variance over
-    the deviations from it (``torch.var_mean`` lost digits in proportion to |mean| / std:
-    float64 data 1e7 standard deviations from zero, running_var 1e-9 off against 1e-16; and
-    its mean of a channel holding an infinity is NaN, where torch's module keeps the inf)."""
+    the deviations from it. ``torch.var_mean`` (Welford) lost digits in proportion to
+    |mean| / std (float64 data 1e7 standard deviations from zero: running_var 1e-9 off
+    against 1e-16), gave NaN for the mean of a channel holding an infinity (torch's module:
+    the infinity), and took 14.6 ms against 0.15-0.3 for ``mean`` on a (32, 256, 784)
+    float32 tensor, 2 threads. ``mean`` accumulates float32 in float32: a channel whose sum
+    passes 3.4e38 (|x| near 3.4e38 / n) gets an infinite mean where torch's module stays
+    finite (README, differences)."""
     xa = x3.to(acc_dtype(x3.dtype))
     mean = xa.mean(dim=_DIMS)  # (C,)
     var = (xa - _col(mean)).square_().mean(dim=_DIMS)  # (C,)
