@@ -43,6 +43,23 @@ def test_bench_prints_and_writes_every_row(tmp_path, capsys):
     assert "Command: `" in md and "cpu: " in md
 
 
+def test_bench_compile_column(tmp_path, capsys):
+    """--compile times torch.compile of the same call beside the others, and reports its
+    compile time apart (printed, and in the CSV)."""
+    out = tmp_path / "results"
+    args = ["bench", "--compile", "--shapes", "4,3,5,5", "--layouts", "nchw", "--passes",
+            "forward-eval", "--repeat", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if " ours " in x]
+    assert " compile " in line and "compiled in" in line
+    with (out / "bench.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    compile_ms, ours = float(row["compile_ms"]), float(row["ours_ms"])
+    assert 0 < compile_ms < 1e3 and float(row["compile_s"]) > 0
+    assert float(row["speedup_compile"]) == pytest.approx(compile_ms / ours)
+    assert "vs compile" in (out / "bench.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

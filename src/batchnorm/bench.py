@@ -260,7 +260,10 @@ def _text_line(r: Row, use_compile: bool) -> str:
         f"(ours/copy {r.ratio_copy:5.2f})"
     )
     if use_compile:
-        line += f"  compile {r.compile_ms:8.3f} ms ({r.speedup_compile:5.2f}x)"
+        line += (
+            f"  compile {r.compile_ms:8.3f} ms ({r.speedup_compile:5.2f}x, compiled in"
+            f" {r.compile_s:.1f} s)"
+        )
     return line + ("  [page faults]" if r.page_faults else "")
 
 
