@@ -326,16 +326,23 @@ def test_non_contiguous_input_is_copied(backend):
     base = make_input((4, 6, 10, 8), seed=2)
     x = base[:, :, ::2, 1:]  # (4, 6, 5, 7), non-contiguous
     assert not x.is_contiguous()
+    _train_step_against_reference(x, backend, dx_count=140)  # x itself: clone() would pack it
+
+
+def _train_step_against_reference(x, backend, dx_count):
+    """A training forward and backward of x (C = 6) against the float64 reference; the
+    output."""
     weight, bias = _params(6, torch.float32)
     rm, rv = torch.zeros(6), torch.ones(6)
-    xg = x.clone().requires_grad_(True)
+    xg = x.detach().requires_grad_(True)
     y = BF.batch_norm(xg, rm, rv, weight, bias, training=True, backend=backend)
     y_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
     assert_close(y, torch.from_numpy(y_ref), torch.float32, "y", count=4)
     dy = make_input(x.shape, seed=9)
     (dx,) = torch.autograd.grad(y, xg, dy)
     dx_ref, _, _ = reference.backward(to_numpy(dy), cache)
-    assert_close(dx, torch.from_numpy(dx_ref), torch.float32, "dx", count=140)
+    assert_close(dx, torch.from_numpy(dx_ref), torch.float32, "dx", count=dx_count)
+    return y
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
@@ -348,17 +355,8 @@ def test_ncl_stored_as_nlc_runs_channels_last_without_a_copy(backend):
     x3, layout = canonical(x)
     assert layout.channels_last and x3.shape == (4 * 13, 6, 1)
     assert x3.data_ptr() == x.data_ptr()  # no copy
-    weight, bias = _params(6, torch.float32)
-    rm, rv = torch.zeros(6), torch.ones(6)
-    xg = x.detach().requires_grad_(True)
-    y = BF.batch_norm(xg, rm, rv, weight, bias, training=True, backend=backend)
+    y = _train_step_against_reference(x, backend, dx_count=52)
     assert y.stride() == x.stride()
-    y_ref, cache = reference.forward(to_numpy(x), _np(weight), _np(bias), EPS)
-    assert_close(y, torch.from_numpy(y_ref), torch.float32, "y", count=4)
-    dy = make_input(x.shape, seed=9)
-    (dx,) = torch.autograd.grad(y, xg, dy)
-    dx_ref, _, _ = reference.backward(to_numpy(dy), cache)
-    assert_close(dx, torch.from_numpy(dx_ref), torch.float32, "dx", count=52)
 
 
 def test_threads_follow_torch():
