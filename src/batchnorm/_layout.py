@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
+# the channels-last memory format of each tensor rank that has one
+CHANNELS_LAST_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ class Layout:
     def from_canonical(self, t3: Tensor) -> Tensor:
         """(A, C, B) contiguous -> a tensor of ``self.shape`` in this layout's memory format."""
         if self.channels_last:
-            if t3.numel() == 0 and len(self.shape) in _FORMAT:  # the strides torch gives it
-                fmt = _FORMAT[len(self.shape)]
+            # empty: the strides torch gives it
+            if t3.numel() == 0 and len(self.shape) in CHANNELS_LAST_FORMAT:
+                fmt = CHANNELS_LAST_FORMAT[len(self.shape)]
                 return torch.empty(self.shape, dtype=t3.dtype, device=t3.device,
                                    memory_format=fmt)  # fmt: skip
             spatial = tuple(self.shape[2:])
@@ -70,7 +72,9 @@ def _channels_last_empty(x: Tensor) -> bool:
     """For an empty x (contiguous in every memory format): whether its strides say channels
     last (channels adjacent, the last spatial dim further apart), as torch's empty_like keeps
     them, so the output must too."""
-    return x.dim() in _FORMAT and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) > 1
+    return (
+        x.dim() in CHANNELS_LAST_FORMAT and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) > 1
+    )
 
 
 def like_canonical(t: Tensor, layout: Layout) -> Tensor:

@@ -43,6 +43,7 @@ from torch.autograd.graph import increment_version
 from .. import _conventions as conventions
 from .._conventions import HALF_DTYPES, acc_dtype, invstd_from_var, momentum_factor
 from .._function import double_backward
+from .._layout import CHANNELS_LAST_FORMAT
 from . import _numba_kernels as K
 
 name = "numba"
@@ -227,9 +228,6 @@ def _stats_only(x3: Tensor):
     return None, mean, var, invstd
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def _address(t: Tensor | None) -> int:
     """``t``'s data address for the one-call kernels (0: absent)."""
     return 0 if t is None else t.data_ptr()
@@ -298,7 +296,7 @@ def _memory_plan(x: Tensor, shape, n: int) -> tuple | None:
     N, C = shape[0], shape[1]
     if x.is_contiguous():
         return N, C, n // (N * C), torch.contiguous_format
-    fmt = _CHANNELS_LAST.get(len(shape))
+    fmt = CHANNELS_LAST_FORMAT.get(len(shape))
     if fmt is None or not x.is_contiguous(memory_format=fmt):
         return None
     return n // C, C, 1, fmt
